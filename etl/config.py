@@ -1,0 +1,306 @@
+"""Configuration: one TOML file plus environment overrides, loaded once into a frozen object.
+
+Bottom layer: imports only ``etl.errors`` and ``etl.redact``. Every problem found (unknown keys,
+wrong types, missing credentials, no chatids, unreadable chatids_file) is collected into a
+single ``ConfigError`` that names the file and each bad key, so an operator fixes them in one go.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from etl.errors import ConfigError
+from etl.redact import register_secret
+
+DEFAULT_CONFIG_PATH = "config.toml"
+ENV_CONFIG = "DINGTALK_ETL_CONFIG"
+ENV_APP_KEY = "DINGTALK_APP_KEY"
+ENV_APP_SECRET = "DINGTALK_APP_SECRET"  # noqa: S105 - the variable's name, not a secret
+ENV_DATABASE_URL = "DINGTALK_ETL_DATABASE_URL"
+
+# The drivers this package installs; a URL without a driver gets these rather than
+# SQLAlchemy's defaults (psycopg2, mysqlclient), which are not installed.
+_DEFAULT_DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
+_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DingTalkSettings(_Section):
+    base_url: str = "https://oapi.dingtalk.com"
+    app_key: str | None = None
+    app_secret: SecretStr | None = None
+    timeout_seconds: PositiveFloat = 10.0
+    max_requests_per_second: PositiveFloat = 20.0
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+    # Plain http:// to a non-loopback host would send the app secret in clear text.
+    allow_insecure_http: bool = False
+    # A chat/get answer above this size is refused (10,000 members is about 300 KB).
+    max_response_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///dingtalk_etl.db"
+
+
+class SyncSettings(_Section):
+    chatids: list[str] = Field(default_factory=list)
+    chatids_file: str | None = None
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+
+
+class ScheduleSettings(_Section):
+    cron: str | None = None
+    interval_minutes: Annotated[int, Field(ge=1)] | None = None
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "console"] = "json"
+
+
+class _FileModel(_Section):
+    dingtalk: DingTalkSettings = Field(default_factory=DingTalkSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    sync: SyncSettings = Field(default_factory=SyncSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated configuration; ``chatids`` merges the list and the file, deduplicated."""
+
+    path: Path
+    dingtalk: DingTalkSettings
+    database_url: URL
+    sync: SyncSettings
+    schedule: ScheduleSettings
+    logging: LoggingSettings
+    chatids: tuple[str, ...]
+
+    @property
+    def app_key(self) -> str:
+        return self.dingtalk.app_key or ""
+
+    @property
+    def app_secret(self) -> str:
+        secret = self.dingtalk.app_secret
+        return secret.get_secret_value() if secret is not None else ""
+
+    @property
+    def database_display(self) -> str:
+        """The database URL with its password hidden, for messages."""
+        return self.database_url.render_as_string(hide_password=True)
+
+
+def resolve_config_path(option: str | None, environ: Mapping[str, str] | None = None) -> Path:
+    """``--config`` wins, then ``$DINGTALK_ETL_CONFIG``, then ``./config.toml``."""
+    env = os.environ if environ is None else environ
+    return Path(option or env.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH)
+
+
+def load_config(
+    path: Path | str,
+    *,
+    need_api: bool = True,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Read, override from the environment, validate and resolve the configuration.
+
+    ``need_api=False`` is for commands that only touch the database (``db upgrade``, ``runs``):
+    missing DingTalk credentials and chatids are then no error.
+    """
+    env = os.environ if environ is None else environ
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: configuration file not found (use --config PATH or set {ENV_CONFIG}; "
+            "config.example.toml documents every key)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read configuration file: {exc}") from exc
+    try:
+        raw: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    return parse_config(raw, path, need_api=need_api, environ=env)
+
+
+def parse_config(
+    raw: dict[str, Any],
+    path: Path,
+    *,
+    need_api: bool = True,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Validate an already-parsed TOML document as if it came from ``path``."""
+    env = os.environ if environ is None else environ
+    raw = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
+    overrides = _env_overrides(env)
+    for (section, key), value in overrides.items():
+        target = raw.setdefault(section, {})
+        if isinstance(target, dict):
+            target[key] = value
+
+    problems: list[str] = []
+    try:
+        model = _FileModel.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_describe(err, overrides) for err in exc.errors())
+        raise _config_error(path, problems) from None
+
+    register_secret(
+        model.dingtalk.app_secret.get_secret_value() if model.dingtalk.app_secret else None
+    )
+    base = path.resolve().parent
+    db_url = _database_url(
+        model.database.url, base, from_env=("database", "url") in overrides, problems=problems
+    )
+    _check_base_url(model.dingtalk, problems)
+    chatids: tuple[str, ...] = ()
+    if need_api:
+        if not model.dingtalk.app_key:
+            problems.append(f"[dingtalk] app_key: missing (set it in the file or ${ENV_APP_KEY})")
+        if model.dingtalk.app_secret is None or not model.dingtalk.app_secret.get_secret_value():
+            problems.append(
+                f"[dingtalk] app_secret: missing (set it in the file or ${ENV_APP_SECRET})"
+            )
+        chatids = _collect_chatids(model.sync, base, problems)
+    if model.schedule.cron is not None and model.schedule.interval_minutes is not None:
+        problems.append("[schedule] cron, interval_minutes: give one of them, not both")
+    if problems:
+        raise _config_error(path, problems)
+    assert db_url is not None
+    return Config(
+        path=path,
+        dingtalk=model.dingtalk,
+        database_url=db_url,
+        sync=model.sync,
+        schedule=model.schedule,
+        logging=model.logging,
+        chatids=chatids,
+    )
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[tuple[str, str], str]:
+    pairs = {
+        ENV_APP_KEY: ("dingtalk", "app_key"),
+        ENV_APP_SECRET: ("dingtalk", "app_secret"),
+        ENV_DATABASE_URL: ("database", "url"),
+    }
+    return {target: env[name] for name, target in pairs.items() if env.get(name)}
+
+
+def _describe(err: Mapping[str, Any], overrides: Mapping[tuple[str, str], str]) -> str:
+    loc = [str(part) for part in err["loc"]]
+    if not loc:
+        return str(err["msg"])
+    if len(loc) == 1:
+        where = f"[{loc[0]}]"
+        if err["type"] == "extra_forbidden":
+            return f"[{loc[0]}]: unknown section"
+    else:
+        where = f"[{loc[0]}] {'.'.join(loc[1:])}"
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    source = " (from the environment)" if tuple(loc[:2]) in overrides else ""
+    got = ""
+    if "input" in err and not isinstance(err["input"], dict) and loc[-1] != "app_secret":
+        got = f" (got {err['input']!r})"
+    return f"{where}{source}: {err['msg']}{got}"
+
+
+def _config_error(path: Path, problems: list[str]) -> ConfigError:
+    if len(problems) == 1:
+        return ConfigError(f"{path}: {problems[0]}")
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return ConfigError(f"{path}: {len(problems)} configuration problems:\n{lines}")
+
+
+def _database_url(raw: str, base: Path, *, from_env: bool, problems: list[str]) -> URL | None:
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        problems.append("[database] url: not a database URL (e.g. sqlite:///dingtalk_etl.db)")
+        return None
+    backend = url.get_backend_name()
+    if backend not in {"sqlite", "postgresql", "mysql", "mariadb"}:
+        problems.append(
+            f"[database] url: unsupported database {backend!r} (sqlite, postgresql, mysql, mariadb)"
+        )
+        return None
+    if "+" not in url.drivername and backend in _DEFAULT_DRIVERS:
+        url = url.set(drivername=f"{backend}+{_DEFAULT_DRIVERS[backend]}")
+    if backend in {"mysql", "mariadb"} and "charset" not in url.query:
+        # utf8mb4: names and userids may hold characters outside the BMP.
+        url = url.update_query_dict({"charset": "utf8mb4"})
+    if backend == "sqlite" and url.database and url.database != ":memory:":
+        db_path = Path(url.database)
+        if not db_path.is_absolute() and not from_env:
+            url = url.set(database=str(base / db_path))
+    register_secret(url.password if isinstance(url.password, str) else None)
+    return url
+
+
+def _check_base_url(settings: DingTalkSettings, problems: list[str]) -> None:
+    parts = urlsplit(settings.base_url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        problems.append(
+            f"[dingtalk] base_url: must be an http(s) URL such as https://oapi.dingtalk.com "
+            f"(got {settings.base_url!r})"
+        )
+        return
+    if (
+        parts.scheme == "http"
+        and parts.hostname not in _LOOPBACK_HOSTS
+        and not parts.hostname.startswith("127.")
+        and not settings.allow_insecure_http
+    ):
+        problems.append(
+            "[dingtalk] base_url: plain http:// to a non-loopback host would expose the app "
+            "secret; use https:// or set allow_insecure_http = true"
+        )
+
+
+def _collect_chatids(sync: SyncSettings, base: Path, problems: list[str]) -> tuple[str, ...]:
+    found: list[str] = []
+    for index, chatid in enumerate(sync.chatids):
+        if not chatid.strip():
+            problems.append(f"[sync] chatids[{index}]: empty chatid")
+        else:
+            found.append(chatid.strip())
+    if sync.chatids_file is not None:
+        file_path = Path(sync.chatids_file)
+        if not file_path.is_absolute():
+            file_path = base / file_path
+        try:
+            lines = file_path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            problems.append(f"[sync] chatids_file: cannot read {file_path}: {reason}")
+            lines = []
+        for line in lines:
+            chatid = line.split("#", 1)[0].strip()
+            if chatid:
+                found.append(chatid)
+    chatids = tuple(dict.fromkeys(found))
+    if not chatids and not any(p.startswith("[sync] chatids") for p in problems):
+        problems.append("[sync] chatids: no chatids configured (set chatids or chatids_file)")
+    return chatids
