@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import click
 
 from etl import __version__, migrate
-from etl.config import Config, load_config, resolve_config_path
+from etl.config import Config, check_chatid, load_config, resolve_config_path
 from etl.demo import demo_world, run_demo
 from etl.errors import ConfigError, EtlError, FatalError, LockHeld
 from etl.lock import run_lock
@@ -49,6 +49,19 @@ def _errors() -> Iterator[None]:
         _fail(exc.message, EXIT_FAILED)
     except EtlError as exc:
         _fail(exc.message, EXIT_FAILED)
+
+
+def _check_chatids(
+    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> tuple[str, ...]:
+    """``--chatid`` values, stripped; an empty or impossible id is a usage error (exit 2)."""
+    chatids: list[str] = []
+    for value in values:
+        reason = check_chatid(value.strip())
+        if reason is not None:
+            raise click.BadParameter(f"{value!r}: {reason}")
+        chatids.append(value.strip())
+    return tuple(chatids)
 
 
 class _Ctx:
@@ -127,6 +140,7 @@ def db_upgrade(obj: _Ctx) -> None:
     "chatids",
     multiple=True,
     metavar="ID",
+    callback=_check_chatids,
     help="Sync only this chat (repeatable). Default: every configured chatid.",
 )
 @click.option("--migrate", is_flag=True, help="Upgrade the schema first if it is behind.")

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_core import PydanticCustomError
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -34,6 +35,17 @@ _DEFAULT_DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pym
 _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+MAX_CHATID_LENGTH = 128  # the width of the id columns
+
+
+def _list_to_tuple(value: object) -> object:
+    if isinstance(value, list | tuple):
+        return tuple(value)
+    raise PydanticCustomError("list_type", "Input should be a valid list")
+
+
+# TOML gives a list; the settings keep a tuple so that the loaded configuration is immutable.
+StrTuple = Annotated[tuple[str, ...], BeforeValidator(_list_to_tuple)]
 
 
 class _Section(BaseModel):
@@ -58,7 +70,7 @@ class DatabaseSettings(_Section):
 
 
 class SyncSettings(_Section):
-    chatids: list[str] = Field(default_factory=list)
+    chatids: StrTuple = ()
     chatids_file: str | None = None
     concurrency: Annotated[int, Field(ge=1, le=64)] = 4
 
@@ -159,30 +171,55 @@ def parse_config(
         if isinstance(target, dict):
             target[key] = value
 
-    problems: list[str] = []
-    try:
-        model = _FileModel.model_validate(raw)
-    except ValidationError as exc:
-        problems.extend(_describe(err, overrides) for err in exc.errors())
-        raise _config_error(path, problems) from None
+    # Registered before anything can fail, so that no message can carry it.
+    dingtalk = raw.get("dingtalk")
+    secret = dingtalk.get("app_secret") if isinstance(dingtalk, dict) else None
+    register_secret(secret if isinstance(secret, str) else None)
 
-    register_secret(
-        model.dingtalk.app_secret.get_secret_value() if model.dingtalk.app_secret else None
-    )
+    # Validate; on errors drop the offending keys and validate again, so that the checks below
+    # still run on the rest and the operator gets every problem in one message.
+    problems: list[str] = []
+    bad: set[tuple[str, ...]] = set()
+    model: _FileModel | None = None
+    data = raw
+    while model is None:
+        try:
+            model = _FileModel.model_validate(data)
+        except ValidationError as exc:
+            errors = exc.errors()
+            new_bad = {tuple(str(part) for part in err["loc"][:2]) for err in errors} - bad
+            for description in (_describe(err, overrides) for err in errors):
+                if description not in problems:
+                    problems.append(description)
+            if not new_bad:  # cannot happen: each pass removes what failed
+                raise _config_error(path, problems) from None
+            bad |= new_bad
+            data = _without(raw, bad)
+
+    def ok(section: str, *keys: str) -> bool:
+        return (section,) not in bad and not any((section, key) in bad for key in keys)
+
     base = path.resolve().parent
-    db_url = _database_url(
-        model.database.url, base, from_env=("database", "url") in overrides, problems=problems
-    )
-    _check_base_url(model.dingtalk, problems)
+    db_url: URL | None = None
+    if ok("database", "url"):
+        db_url = _database_url(
+            model.database.url, base, from_env=("database", "url") in overrides, problems=problems
+        )
+    if ok("dingtalk", "base_url", "allow_insecure_http"):
+        _check_base_url(model.dingtalk, problems)
     chatids: tuple[str, ...] = ()
     if need_api:
-        if not model.dingtalk.app_key:
+        if not model.dingtalk.app_key and ok("dingtalk", "app_key"):
             problems.append(f"[dingtalk] app_key: missing (set it in the file or ${ENV_APP_KEY})")
-        if model.dingtalk.app_secret is None or not model.dingtalk.app_secret.get_secret_value():
+        if (
+            model.dingtalk.app_secret is None or not model.dingtalk.app_secret.get_secret_value()
+        ) and ok("dingtalk", "app_secret"):
             problems.append(
                 f"[dingtalk] app_secret: missing (set it in the file or ${ENV_APP_SECRET})"
             )
-        chatids = _collect_chatids(model.sync, base, problems)
+        chatids = _collect_chatids(
+            model.sync, base, problems, report_empty=ok("sync", "chatids", "chatids_file")
+        )
     if model.schedule.cron is not None and model.schedule.interval_minutes is not None:
         problems.append("[schedule] cron, interval_minutes: give one of them, not both")
     if problems:
@@ -197,6 +234,18 @@ def parse_config(
         logging=model.logging,
         chatids=chatids,
     )
+
+
+def _without(raw: Mapping[str, Any], bad: set[tuple[str, ...]]) -> dict[str, Any]:
+    """``raw`` without the sections (1-tuples) and keys (2-tuples) in ``bad``."""
+    kept: dict[str, Any] = {}
+    for section, value in raw.items():
+        if (section,) in bad:
+            continue
+        if isinstance(value, dict):
+            value = {key: item for key, item in value.items() if (section, key) not in bad}
+        kept[section] = value
+    return kept
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[tuple[str, str], str]:
@@ -216,8 +265,12 @@ def _describe(err: Mapping[str, Any], overrides: Mapping[tuple[str, str], str]) 
         where = f"[{loc[0]}]"
         if err["type"] == "extra_forbidden":
             return f"[{loc[0]}]: unknown section"
+        if err["type"] in {"model_type", "model_attributes_type", "dict_type"}:
+            return f"[{loc[0]}]: expected a table (got {err.get('input')!r})"
     else:
-        where = f"[{loc[0]}] {'.'.join(loc[1:])}"
+        # List indices as ``chatids[3]``, like the messages about chatids built below.
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"][1:])
+        where = f"[{loc[0]}] {key.removeprefix('.')}"
     if err["type"] == "extra_forbidden":
         return f"{where}: unknown key"
     source = " (from the environment)" if tuple(loc[:2]) in overrides else ""
@@ -235,15 +288,16 @@ def _config_error(path: Path, problems: list[str]) -> ConfigError:
 
 
 def _database_url(raw: str, base: Path, *, from_env: bool, problems: list[str]) -> URL | None:
+    where = f"[database] url{' (from the environment)' if from_env else ''}"
     try:
         url = make_url(raw)
-    except ArgumentError:
-        problems.append("[database] url: not a database URL (e.g. sqlite:///dingtalk_etl.db)")
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        problems.append(f"{where}: not a database URL (e.g. sqlite:///dingtalk_etl.db)")
         return None
     backend = url.get_backend_name()
     if backend not in {"sqlite", "postgresql", "mysql", "mariadb"}:
         problems.append(
-            f"[database] url: unsupported database {backend!r} (sqlite, postgresql, mysql, mariadb)"
+            f"{where}: unsupported database {backend!r} (sqlite, postgresql, mysql, mariadb)"
         )
         return None
     if "+" not in url.drivername and backend in _DEFAULT_DRIVERS:
@@ -279,11 +333,25 @@ def _check_base_url(settings: DingTalkSettings, problems: list[str]) -> None:
         )
 
 
-def _collect_chatids(sync: SyncSettings, base: Path, problems: list[str]) -> tuple[str, ...]:
+def check_chatid(chatid: str) -> str | None:
+    """Why ``chatid`` (already stripped) cannot be a chatid, or None when it can."""
+    if not chatid:
+        return "empty chatid"
+    if len(chatid) > MAX_CHATID_LENGTH:
+        return f"chatid longer than {MAX_CHATID_LENGTH} characters"
+    if any(ord(char) < 32 or ord(char) == 127 for char in chatid):
+        return "chatid contains a control character"
+    return None
+
+
+def _collect_chatids(
+    sync: SyncSettings, base: Path, problems: list[str], *, report_empty: bool = True
+) -> tuple[str, ...]:
     found: list[str] = []
     for index, chatid in enumerate(sync.chatids):
-        if not chatid.strip():
-            problems.append(f"[sync] chatids[{index}]: empty chatid")
+        reason = check_chatid(chatid.strip())
+        if reason is not None:
+            problems.append(f"[sync] chatids[{index}]: {reason}")
         else:
             found.append(chatid.strip())
     if sync.chatids_file is not None:
@@ -296,11 +364,16 @@ def _collect_chatids(sync: SyncSettings, base: Path, problems: list[str]) -> tup
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             problems.append(f"[sync] chatids_file: cannot read {file_path}: {reason}")
             lines = []
-        for line in lines:
+        for number, line in enumerate(lines, start=1):
             chatid = line.split("#", 1)[0].strip()
-            if chatid:
+            if not chatid:
+                continue
+            reason = check_chatid(chatid)
+            if reason is not None:
+                problems.append(f"[sync] chatids_file: {file_path} line {number}: {reason}")
+            else:
                 found.append(chatid)
     chatids = tuple(dict.fromkeys(found))
-    if not chatids and not any(p.startswith("[sync] chatids") for p in problems):
+    if report_empty and not chatids and not any(p.startswith("[sync] chatids") for p in problems):
         problems.append("[sync] chatids: no chatids configured (set chatids or chatids_file)")
     return chatids

@@ -10,6 +10,7 @@ module in a URL: messages name the path only and are redacted.
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -44,6 +45,11 @@ THROTTLE_ERRCODES: Final = frozenset({90018, 90002, 90005, 90006, 90001, 90003, 
 # On gettoken these mean empty appkey / appsecret, not a rate limit.
 GETTOKEN_FATAL: Final = frozenset({90002, 90003, 40001, 40014})
 _SUBCODE = re.compile(r"subcode=(\d+)")
+# A URL's query string (requests puts the whole URL into its exception messages).
+_URL_QUERY = re.compile(r"\?[^\s'\"()<>]*")
+# Longest server-requested pause honoured (Retry-After, the IP limiter's "wait"): DingTalk's IP
+# block lasts 5 minutes; absurd or infinite values must not overflow or hang the worker.
+MAX_SERVER_WAIT_SECONDS: Final = 600.0
 _ERRMSG_MAX = 200
 # Throttled: pause everyone at least this long (DingTalk's QPS window is one second).
 THROTTLE_PAUSE_SECONDS: Final = 1.0
@@ -77,7 +83,7 @@ def classify(endpoint: str, status: int, body: bytes, headers: Mapping[str, str]
     if "errcode" not in data:
         if data.get("status") == 1111 or "wait" in data:
             wait = data.get("wait")
-            seconds = float(wait) if isinstance(wait, int | float) and wait >= 0 else None
+            seconds = _server_wait(wait) if isinstance(wait, int | float) else None
             raise TransientError(
                 f"{endpoint}: blocked by the IP rate limiter (wait {wait!r})",
                 wait=seconds,
@@ -96,17 +102,20 @@ def classify(endpoint: str, status: int, body: bytes, headers: Mapping[str, str]
         match = _SUBCODE.search(errmsg)
         code = int(match.group(1)) if match else errcode
     message = f"{endpoint}: errcode {errcode}: {errmsg}"
-    if endpoint == GETTOKEN and (code in GETTOKEN_FATAL or code in FATAL_ERRCODES):
-        raise FatalApiError(message, errcode=errcode)
     if errcode == -1:
         raise TransientError(message, errcode=errcode)
+    # The gettoken meanings of 90002/90003 (empty appkey/appsecret) belong to the plain
+    # errcode; as a gateway subcode of 88 they are rate limits like everywhere else.
+    if endpoint == GETTOKEN and errcode in GETTOKEN_FATAL:
+        raise FatalApiError(message, errcode=errcode)
     if code in THROTTLE_ERRCODES:
         raise TransientError(message, errcode=errcode, throttled=True)
+    if endpoint == GETTOKEN:
+        # Without a token nothing can be read; a token error here is no reason to "refresh".
+        raise FatalApiError(message, errcode=errcode)
     if code in TOKEN_ERRCODES:
         raise TokenError(message, errcode=errcode)
     if code in FATAL_ERRCODES:
-        raise FatalApiError(message, errcode=errcode)
-    if endpoint == GETTOKEN:
         raise FatalApiError(message, errcode=errcode)
     raise ChatError(message, errcode=errcode)
 
@@ -120,9 +129,16 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        return _server_wait(float(value))
     except ValueError:
         return None
+
+
+def _server_wait(seconds: float) -> float | None:
+    """A server-requested pause made safe to sleep on: >= 0, finite, capped; NaN is none."""
+    if math.isnan(seconds):
+        return None
+    return min(max(0.0, float(seconds)), MAX_SERVER_WAIT_SECONDS)
 
 
 class Pacer:
@@ -266,24 +282,21 @@ class DingTalkClient:
 
         def attempt() -> dict[str, Any]:
             nonlocal refreshed
-            token = self.tokens.get()
-            try:
-                return self._request(
-                    CHAT_GET, {"access_token": token, "chatid": chatid}, counter, chatid
-                )
-            except TokenError as exc:
-                if refreshed:
-                    raise FatalApiError(
-                        f"{exc.message} (again with a freshly issued token)",
-                        errcode=exc.errcode,
-                    ) from exc
-                refreshed = True
-                self.tokens.invalidate(token)
-                log.info("api.token_refresh", chatid=chatid, errcode=exc.errcode)
-                fresh = self.tokens.get()
-                return self._request(
-                    CHAT_GET, {"access_token": fresh, "chatid": chatid}, counter, chatid
-                )
+            while True:
+                token = self.tokens.get()
+                try:
+                    return self._request(
+                        CHAT_GET, {"access_token": token, "chatid": chatid}, counter, chatid
+                    )
+                except TokenError as exc:
+                    if refreshed:
+                        raise FatalApiError(
+                            f"{exc.message} (again with a freshly issued token)",
+                            errcode=exc.errcode,
+                        ) from exc
+                    refreshed = True
+                    self.tokens.invalidate(token)
+                    log.info("api.token_refresh", chatid=chatid, errcode=exc.errcode)
 
         body = self._call(CHAT_GET, attempt, chatid=chatid)
         chat_info = body.get("chat_info")
@@ -431,4 +444,6 @@ class DingTalkClient:
 
 
 def _short(exc: BaseException) -> str:
-    return redact(str(exc))[:300]
+    # requests names the whole URL ("... with url: /gettoken?appkey=...&appsecret=..."):
+    # keep the path only, then mask whatever secret is left.
+    return redact(_URL_QUERY.sub("", str(exc)))[:300]

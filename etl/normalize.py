@@ -79,7 +79,9 @@ def normalize_chat(chatid: str, chat_info: object) -> ChatRecord:
     attrs: dict[str, AttrValue] = {}
 
     for key, column in _STRING_FIELDS.items():
-        value = chat_info.get(key)
+        if key not in chat_info:
+            raise PayloadError(f"chat_info.{key}: missing")
+        value = chat_info[key]
         if not isinstance(value, str):
             raise PayloadError(f"chat_info.{key}: expected a string, got {_type_name(value)}")
         attrs[column] = value
@@ -95,9 +97,12 @@ def normalize_chat(chatid: str, chat_info: object) -> ChatRecord:
         raise PayloadError(f"chat_info.icon: expected a string, got {_type_name(icon)}")
     attrs["icon"] = icon
 
-    status = chat_info.get("status")
+    if "status" not in chat_info:
+        raise PayloadError("chat_info.status: missing")
+    status = chat_info["status"]
     if type(status) is not int or status not in (STATUS_NORMAL, STATUS_DISMISSED):
-        raise PayloadError(f"chat_info.status: expected 1 or 2, got {status!r}"[:200])
+        got = str(status)[:40] if type(status) is int else _type_name(status)
+        raise PayloadError(f"chat_info.status: expected 1 or 2, got {got}")
     attrs["status"] = status
 
     members = _members(chat_info.get("useridlist", None), "useridlist" in chat_info, status)
@@ -139,8 +144,10 @@ def _optional_int(chat_info: Mapping[str, Any], key: str) -> int | None:
     if value is None:
         return None
     # bool is an int subclass in Python; true/false is not a DingTalk flag.
-    if type(value) is not int or not _INT_MIN <= value <= _INT_MAX:
+    if type(value) is not int:
         raise PayloadError(f"chat_info.{key}: expected an integer, got {_type_name(value)}")
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise PayloadError(f"chat_info.{key}: integer out of range ({value})"[:120])
     return value
 
 

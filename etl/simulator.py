@@ -23,6 +23,7 @@ import math
 import os
 import random
 import secrets
+import selectors
 import socket
 import socketserver
 import struct
@@ -623,8 +624,10 @@ def _mutate_chat(chat: SimChat, rng: random.Random, pool: list[str]) -> None:
 
     roll = rng.random()
     if roll < 0.05:
-        chat.name = f"{rng.choice(_DEPARTMENTS)} {rng.choice(_TOPICS)} ({chat.chatid} renamed)"
-        changed = True
+        new_name = f"{rng.choice(_DEPARTMENTS)} {rng.choice(_TOPICS)} ({chat.chatid} renamed)"
+        # A chat renamed before may draw the same name again, which would be no change.
+        changed = new_name != chat.name
+        chat.name = new_name
     elif roll < 0.10 and len(members) > 1:
         chat.owner = rng.choice([m for m in members if m != chat.owner])
         changed = True
@@ -960,7 +963,11 @@ class Simulator:
         # Reentrant because stop() may run from a signal handler that interrupted start().
         self._state_lock = threading.RLock()
         self._closed = False
+        self._stopping = False
         self._stopped = threading.Event()
+        # Writing to this pair wakes the accept loop at once; polling would add up to a poll
+        # interval to every stop(), which adds up over a test suite.
+        self._wake_r, self._wake_w = socket.socketpair()
 
     @property
     def stats(self) -> SimStats:
@@ -992,8 +999,7 @@ class Simulator:
                 raise RuntimeError("simulator was stopped; create a new one")
             if self._thread is None:
                 self._thread = threading.Thread(
-                    target=self._server.serve_forever,
-                    kwargs={"poll_interval": 0.05},
+                    target=self._accept_loop,
                     name=f"dingtalk-simulator:{self.port}",
                     daemon=True,
                 )
@@ -1005,13 +1011,29 @@ class Simulator:
             if self._closed:
                 return
             self._closed = True
+            self._stopping = True
             thread = self._thread
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
         if thread is not None:
-            self._server.shutdown()
             thread.join()
         self._server.close_connections()
         self._server.server_close()
+        self._wake_r.close()
+        self._wake_w.close()
         self._stopped.set()
+
+    def _accept_loop(self) -> None:
+        # handle_request() selects again before accepting; the timeout bounds that wait should
+        # a ready connection vanish before accept(), so stop() can never hang on it.
+        self._server.timeout = 0.5
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._server, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while not self._stopping:
+                for key, _events in selector.select():
+                    if key.fileobj is self._server and not self._stopping:
+                        self._server.handle_request()
 
     def serve_forever(self) -> None:
         """Serve until :meth:`stop` (e.g. from a signal handler) or KeyboardInterrupt."""

@@ -186,7 +186,9 @@ class _Run:
                     try:
                         fetched = done.result()
                     except FatalError as exc:
-                        fatal = fatal or exc
+                        # Workers stopped by the halt report RunInterrupted; keep the cause.
+                        if fatal is None or isinstance(fatal, RunInterrupted):
+                            fatal = exc
                         self.halt.set()
                         continue
                     if fatal is not None and fetched.record is None:
@@ -239,6 +241,11 @@ class _Run:
             record = normalize_chat(chatid, chat_info)
         except ChatError as exc:
             error = exc
+        except FatalError:
+            # Stop the other workers before they start another request, not when the
+            # writer gets round to reading this result.
+            self.halt.set()
+            raise
         return _Fetched(
             chatid=chatid,
             attempts=counter.attempts,
