@@ -30,20 +30,26 @@ def test_first_sync_discovers_chats_with_baseline_members(
         k: set(v) for k, v in world.membership().items() if k in READABLE
     }
     chat_a = {r["chatid"]: r for r in rows(db_url, "chats")}["chat-a"]
-    assert chat_a["name"] == "Alpha" and chat_a["owner_userid"] == "u1"
-    assert chat_a["member_count"] == 3 and chat_a["status"] == 1
+    assert chat_a["name"] == "Alpha"
+    assert chat_a["owner_userid"] == "u1"
+    assert chat_a["member_count"] == 3
+    assert chat_a["status"] == 1
     assert chat_a["raw"]["useridlist"] == ["u1", "u2", "u3"]
     assert chat_a["first_seen_at"] == chat_a["last_synced_at"] == chat_a["last_changed_at"]
     assert chat_a["first_seen_at"].utcoffset() is not None
     assert chat_a["dismissed_at"] is None
     discovered = events(db_url, chatid="chat-a", event_type="chat_discovered")
     baseline = events(db_url, chatid="chat-a", event_type="member_joined")
-    assert len(discovered) == 1 and discovered[0]["is_baseline"] is False
+    assert len(discovered) == 1
+    assert discovered[0]["is_baseline"] is False
     assert {e["userid"] for e in baseline} == {"u1", "u2", "u3"}
     assert all(e["is_baseline"] and e["run_id"] == result.run_id for e in baseline)
     run = rows(db_url, "sync_runs")[0]
-    assert run["status"] == "succeeded" and run["trigger"] == "manual"
-    assert run["api_calls"] == 4 and run["retries"] == 0 and run["finished_at"] is not None
+    assert run["status"] == "succeeded"
+    assert run["trigger"] == "manual"
+    assert run["api_calls"] == 4
+    assert run["retries"] == 0
+    assert run["finished_at"] is not None
     items = rows(db_url, "sync_run_items")
     assert [(i["chatid"], i["status"], i["changed"], i["attempts"]) for i in items] == [
         (c, "ok", True, 1) for c in READABLE
@@ -138,7 +144,8 @@ def test_dismissal_keeps_membership_and_sets_dismissed_at_once(
     assert [(e["old_value"], e["new_value"]) for e in status_events] == [("1", "2")]
     assert events(db_url, event_type="member_left") == []
     assert current_members(db_url) == {"chat-c": {"u5", "u6", "u7", "u8"}}
-    assert first["status"] == 2 and first["dismissed_at"] is not None
+    assert first["status"] == 2
+    assert first["dismissed_at"] is not None
     assert again["dismissed_at"] == first["dismissed_at"]
     assert again["member_count"] == 4
 
@@ -154,7 +161,8 @@ def test_unchanged_resync_writes_no_members_or_events(
     result = run_sync(config)
     after = snapshot(db_url)
 
-    assert result.chats_changed == 0 and result.status == "succeeded"
+    assert result.chats_changed == 0
+    assert result.status == "succeeded"
     assert after["chat_members"] == before["chat_members"]
     assert after["chat_events"] == before["chat_events"]
     for old, new in zip(before["chats"], after["chats"], strict=True):
@@ -181,13 +189,15 @@ def test_failed_fetch_changes_nothing(
     after = snapshot(db_url)
     assert after["chat_members"] == before["chat_members"]
     assert after["chat_events"] == before["chat_events"]
-    chat_a = [c for c in after["chats"] if c["chatid"] == "chat-a"][0]
-    old_a = [c for c in before["chats"] if c["chatid"] == "chat-a"][0]
+    chat_a = next(c for c in after["chats"] if c["chatid"] == "chat-a")
+    old_a = next(c for c in before["chats"] if c["chatid"] == "chat-a")
     assert chat_a == old_a  # not even last_synced_at: that is the last *successful* fetch
     item = [i for i in rows(db_url, "sync_run_items") if i["run_id"] == result.run_id]
-    failed = [i for i in item if i["status"] == "failed"][0]
-    assert failed["chatid"] == "chat-a" and failed["attempts"] == 3
-    assert "HTTP 502" in failed["error"] and "gave up after 3 attempts" in failed["error"]
+    failed = next(i for i in item if i["status"] == "failed")
+    assert failed["chatid"] == "chat-a"
+    assert failed["attempts"] == 3
+    assert "HTTP 502" in failed["error"]
+    assert "gave up after 3 attempts" in failed["error"]
 
 
 @pytest.mark.parametrize(
@@ -212,7 +222,8 @@ def test_transient_errors_are_retried_then_succeed(
     result = run_sync(make_config(db_url, simulator.base_url, ["chat-a"]))
 
     assert result.status == "succeeded"
-    assert result.retries == retries and result.api_calls == 1 + attempts
+    assert result.retries == retries
+    assert result.api_calls == 1 + attempts
     item = rows(db_url, "sync_run_items")[0]
     assert (item["status"], item["attempts"]) == ("ok", attempts)
     assert rows(db_url, "sync_runs")[0]["retries"] == retries
@@ -268,7 +279,8 @@ def test_run_level_errors_stop_the_run(
     # Nothing more was asked of the API once the run knew it was over.
     assert world.stats.requests_by_path["/chat/get"] <= 1
     run = rows(db_url, "sync_runs")[0]
-    assert run["status"] == "failed" and str(errcode) in run["error"]
+    assert run["status"] == "failed"
+    assert str(errcode) in run["error"]
     assert rows(db_url, "chats") == []
 
 
@@ -310,8 +322,9 @@ def test_bad_payload_fails_the_chat_and_writes_nothing_for_it(
     result = run_sync(config)
 
     assert (result.status, result.chats_failed, result.chats_changed) == ("partial", 1, 1)
-    failed = [i for i in rows(db_url, "sync_run_items") if i["status"] == "failed"][0]
-    assert failed["chatid"] == "chat-a" and message in failed["error"]
+    failed = next(i for i in rows(db_url, "sync_run_items") if i["status"] == "failed")
+    assert failed["chatid"] == "chat-a"
+    assert message in failed["error"]
     after = snapshot(db_url)
     assert [m for m in after["chat_members"] if m["chatid"] == "chat-a"] == [
         m for m in before["chat_members"] if m["chatid"] == "chat-a"
@@ -354,11 +367,14 @@ def test_secrets_never_reach_logs_or_tables(
     assert result.status == "failed"
     logged = stream.getvalue()
     lines = [json.loads(line) for line in logged.splitlines()]
-    assert lines and all("run_id" in line for line in lines)
+    assert lines
+    assert all("run_id" in line for line in lines)
     dumped = logged + json.dumps(
         {t: rows(db_url, t) for t in ("chats", "chat_events", "sync_runs", "sync_run_items")},
         default=str,
     )
-    assert token and token not in dumped and APP_SECRET not in dumped
+    assert token
+    assert token not in dumped
+    assert APP_SECRET not in dumped
     # The simulator issues 32-hex-digit tokens: none of them, current or expired, is printed.
     assert re.search(r"\b[0-9a-f]{32}\b", dumped) is None
