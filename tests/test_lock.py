@@ -1,0 +1,136 @@
+"""One sync per database, across processes; a killed run is marked abandoned by the next."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sqlalchemy.engine import URL
+
+from etl.simulator import Simulator, World
+from etl.sync import run_sync
+from tests.conftest import APP_KEY, APP_SECRET, MakeConfig
+from tests.helpers import rows
+
+CLI = [sys.executable, "-m", "etl"]
+
+
+def write_config(tmp_path: Path, db: URL, base_url: str, chatids: list[str]) -> Path:
+    path = tmp_path / "config.toml"
+    ids = ", ".join(f'"{c}"' for c in chatids)
+    path.write_text(
+        f"""
+[dingtalk]
+base_url = "{base_url}"
+app_key = "{APP_KEY}"
+app_secret = "{APP_SECRET}"
+max_attempts = 2
+
+[database]
+url = "{db.render_as_string(hide_password=False)}"
+
+[sync]
+chatids = [{ids}]
+concurrency = 1
+
+[logging]
+level = "WARNING"
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("DINGTALK")}
+
+
+def wait_for_running_row(db: URL, timeout: float = 20.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = [r for r in rows(db, "sync_runs") if r["status"] == "running"]
+        if running:
+            return running[0]
+        time.sleep(0.05)
+    raise AssertionError("the first sync never started its run")
+
+
+def test_second_sync_exits_75_at_once_and_leaves_no_row(
+    db_url: URL, simulator: Simulator, world: World, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, db_url, simulator.base_url, ["chat-a", "chat-b"])
+    world.inject("chat-a", "slow:3")  # keeps the first run (and its lock) busy
+    first = subprocess.Popen(
+        [*CLI, "--config", str(config), "sync"],
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_running_row(db_url)
+        started = time.monotonic()
+        second = subprocess.run(
+            [*CLI, "--config", str(config), "sync"],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        elapsed = time.monotonic() - started
+        out, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+
+    assert second.returncode == 75, second.stderr
+    assert second.stderr.startswith(
+        "dingtalk-etl: error: another dingtalk-etl sync holds the lock on this database"
+    )
+    assert second.stderr.rstrip().endswith("; nothing was done")
+    assert elapsed < 10  # "at once": it does not wait for the lock (startup included)
+    assert first.returncode == 0, err
+    assert out.startswith("run 1 succeeded: 2 ok, 0 failed, 2 changed of 2 chats")
+    assert [r["status"] for r in rows(db_url, "sync_runs")] == ["succeeded"]
+
+
+def test_killed_run_is_marked_abandoned_by_the_next(
+    db_url: URL, simulator: Simulator, world: World, tmp_path: Path, make_config: MakeConfig
+) -> None:
+    config = write_config(tmp_path, db_url, simulator.base_url, ["chat-a", "chat-b"])
+    world.inject("chat-b", "slow:5")
+    victim = subprocess.Popen(
+        [*CLI, "--config", str(config), "sync"],
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        row = wait_for_running_row(db_url)
+        # Let it write chat-a, then kill it while it waits on chat-b.
+        deadline = time.monotonic() + 10
+        while not rows(db_url, "sync_run_items") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    world.clear_faults()
+
+    result = run_sync(make_config(db_url, simulator.base_url, ["chat-a", "chat-b"]))
+
+    runs = rows(db_url, "sync_runs")
+    assert [(r["id"], r["status"]) for r in runs] == [(row["id"], "abandoned"), (2, "succeeded")]
+    assert runs[0]["finished_at"] is not None
+    assert "died" in runs[0]["error"]
+    assert result.status == "succeeded"
+    # chat-a was committed whole by the dead run; the next run found it unchanged.
+    items = [(i["run_id"], i["chatid"], i["changed"]) for i in rows(db_url, "sync_run_items")]
+    assert items == [(1, "chat-a", True), (2, "chat-a", False), (2, "chat-b", True)]
