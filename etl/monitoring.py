@@ -1,0 +1,498 @@
+"""Being watched: Prometheus textfile metrics, healthchecks.io-style pings, the health verdict.
+
+Sits on top of ``etl.sync``: ``monitored_sync`` wraps one run for both ``dingtalk-etl sync`` and
+each fire of ``dingtalk-etl schedule``, and ``read_health`` answers ``dingtalk-etl status``.
+Nothing here can change a run's outcome: a metrics file that cannot be written or a ping that
+fails is logged (``monitoring.metrics_failed``, ``monitoring.ping_failed``) and the run goes on.
+Knows files, HTTP (requests) and the store's read queries; takes no part in the command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import math
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+import structlog
+
+from etl import __version__, migrate
+from etl.config import Config
+from etl.errors import ConfigError, DatabaseError, EtlError, LockHeld
+from etl.output import plain
+from etl.redact import redact
+from etl.store import Store, create_db_engine, database_errors, utcnow
+from etl.sync import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_LOCKED,
+    EXIT_OK,
+    RunResult,
+    run_sync,
+)
+
+log = structlog.get_logger("etl.monitoring")
+
+PING_TIMEOUT_SECONDS: Final = 5.0
+METRIC_PREFIX: Final = "dingtalk_etl_"
+# The statuses a finished run can end with; the status gauge has one series for each.
+FINAL_STATUSES: Final = ("succeeded", "partial", "failed")
+EXIT_UNHEALTHY: Final = 1  # `status`: no success within --max-age, or none at all
+_MAX_PING_BODY = 10_000  # bytes; healthchecks.io keeps up to 100 kB
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The contract's exit code for an exception that ended a run before it produced a result."""
+    if isinstance(exc, LockHeld):
+        return EXIT_LOCKED
+    if isinstance(exc, ConfigError):
+        return EXIT_CONFIG
+    return EXIT_FAILED
+
+
+def describe_exception(exc: BaseException) -> str:
+    """A one-line reason without secrets."""
+    if isinstance(exc, EtlError):
+        return exc.message
+    return redact(f"{type(exc).__name__}: {exc}")
+
+
+# -- durations --------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"(\d+)([smhd]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in ``90s``, ``30m``, ``2h``, ``1d`` or plain ``3600``; ``ValueError`` otherwise."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError(
+            f"{text!r} is not a duration: use a whole number > 0 of seconds, or with a unit "
+            "as in 90s, 30m, 2h, 1d"
+        )
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """``3h 5m``, ``2d 1h``, ``45s``: the two largest units, a zero second one left out."""
+    total = max(0, math.floor(seconds))
+    units = [("d", 86400), ("h", 3600), ("m", 60), ("s", 1)]
+    parts: list[tuple[int, str]] = []
+    for name, size in units:
+        value, total = divmod(total, size)
+        if value or parts:
+            parts.append((value, name))
+    if not parts:
+        return "0s"
+    shown = parts[:2]
+    if len(shown) == 2 and shown[1][0] == 0:
+        shown = shown[:1]
+    return " ".join(f"{value}{name}" for value, name in shown)
+
+
+# -- healthchecks.io-style pings -----------------------------------------------------------
+
+
+class HealthPinger:
+    """``<url>/start`` before a run, ``<url>`` after a success, ``<url>/fail`` after a failure.
+
+    One POST each, with a short timeout, the run summary as the body; never raises. The URL
+    itself is a credential (registered as a secret at config load) and is never logged.
+    """
+
+    def __init__(self, url: str | None, *, timeout: float = PING_TIMEOUT_SECONDS) -> None:
+        self.url = url
+        self.timeout = timeout
+
+    def start(self) -> None:
+        self._send("start", "")
+
+    def finish(self, exit_code: int, body: str) -> None:
+        self._send("" if exit_code == EXIT_OK else "fail", body)
+
+    def _send(self, suffix: str, body: str) -> None:
+        if not self.url:
+            return
+        kind = suffix or "success"
+        parts = urlsplit(self.url)
+        path = parts.path.rstrip("/") + (f"/{suffix}" if suffix else "")
+        target = urlunsplit(parts._replace(path=path or "/"))
+        try:
+            response = requests.post(
+                target,
+                data=body.encode("utf-8")[:_MAX_PING_BODY],
+                timeout=self.timeout,
+                headers={
+                    "User-Agent": f"dingtalk-etl/{__version__}",
+                    "Content-Type": "text/plain; charset=utf-8",
+                },
+            )
+        except requests.RequestException as exc:
+            # The exception's text names the URL: log only what kind of failure it was.
+            log.warning("monitoring.ping_failed", ping=kind, error=type(exc).__name__)
+            return
+        with contextlib.closing(response):
+            if response.status_code >= 400:
+                log.warning("monitoring.ping_failed", ping=kind, http_status=response.status_code)
+
+
+# -- Prometheus textfile metrics -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunMetrics:
+    """What the metrics file says about the last run this process attempted."""
+
+    status: str
+    exit_code: int
+    trigger: str
+    started_at: dt.datetime
+    finished_at: dt.datetime
+    duration_seconds: float
+    run_id: int | None = None
+    chats_total: int = 0
+    chats_succeeded: int = 0
+    chats_failed: int = 0
+    chats_changed: int = 0
+    api_calls: int = 0
+    retries: int = 0
+    # None: the database could not tell (the metric is left out); epoch 0: never succeeded.
+    last_success_at: dt.datetime | None = None
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def render_metrics(metrics: RunMetrics) -> str:
+    """The Prometheus text exposition format (version 0.0.4) for ``metrics``."""
+    lines: list[str] = []
+
+    def gauge(name: str, help_text: str, samples: Sequence[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {METRIC_PREFIX}{name} {help_text}")
+        lines.append(f"# TYPE {METRIC_PREFIX}{name} gauge")
+        for labels, value in samples:
+            lines.append(f"{METRIC_PREFIX}{name}{labels} {_number(value)}")
+
+    gauge(
+        "last_run_status",
+        "Status of the last sync run: 1 for the status it ended with, 0 for the others.",
+        [(f'{{status="{s}"}}', float(metrics.status == s)) for s in FINAL_STATUSES],
+    )
+    gauge(
+        "last_run_exit_code",
+        "Exit code of the last sync run (0 ok, 1 partial, 3 failed, 78 configuration).",
+        [("", metrics.exit_code)],
+    )
+    if metrics.run_id is not None:
+        gauge("last_run_id", "sync_runs.id of the last sync run.", [("", metrics.run_id)])
+    gauge(
+        "last_run_start_timestamp_seconds",
+        "When the last sync run started, in seconds since the epoch.",
+        [("", metrics.started_at.timestamp())],
+    )
+    gauge(
+        "last_run_end_timestamp_seconds",
+        "When the last sync run ended, in seconds since the epoch.",
+        [("", metrics.finished_at.timestamp())],
+    )
+    gauge(
+        "last_run_duration_seconds",
+        "How long the last sync run took.",
+        [("", metrics.duration_seconds)],
+    )
+    if metrics.last_success_at is not None:
+        gauge(
+            "last_success_timestamp_seconds",
+            "When the last succeeded run (any process) finished, from sync_runs; 0 if none.",
+            [("", metrics.last_success_at.timestamp())],
+        )
+    counts = [
+        ("last_run_chats", "Chats the last sync run was asked to sync.", metrics.chats_total),
+        ("last_run_chats_ok", "Chats the last sync run synced.", metrics.chats_succeeded),
+        ("last_run_chats_failed", "Chats that failed in the last sync run.", metrics.chats_failed),
+        (
+            "last_run_chats_changed",
+            "Chats whose state changed in the last sync run.",
+            metrics.chats_changed,
+        ),
+        (
+            "last_run_api_calls",
+            "HTTP requests the last sync run sent (token calls and retries included).",
+            metrics.api_calls,
+        ),
+        ("last_run_retries", "Requests the last sync run repeated.", metrics.retries),
+    ]
+    for name, help_text, value in counts:
+        gauge(name, help_text, [("", value)])
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(round(float(value), 6))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``: a temporary file in the same folder, then a rename.
+
+    Readers (node_exporter) see the old file or the new one, never a part. The temporary
+    name does not end in ``.prom``, so the textfile collector never reads it.
+    """
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o644)  # the collector usually runs as another user
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def write_metrics(path: Path, metrics: RunMetrics) -> None:
+    """Write the metrics file; a failure is logged, never raised."""
+    try:
+        write_atomically(path, render_metrics(metrics))
+    except OSError as exc:
+        log.error("monitoring.metrics_failed", path=str(path), error=exc.strerror or str(exc))
+
+
+def _last_success(config: Config) -> dt.datetime | None:
+    """When the last succeeded run finished (epoch 0 if never); None if the database cannot say."""
+    engine = create_db_engine(config.database_url)
+    try:
+        row = Store(engine).latest_run(status="succeeded")
+    except EtlError:
+        return None
+    finally:
+        engine.dispose()
+    if row is None:
+        return _EPOCH
+    finished = row["finished_at"]
+    return finished if isinstance(finished, dt.datetime) else _EPOCH
+
+
+# -- one monitored run ---------------------------------------------------------------------
+
+
+def monitored_sync(
+    config: Config,
+    *,
+    chatids: Sequence[str] | None = None,
+    trigger: str = "manual",
+    migrate_schema: bool = False,
+    stop: threading.Event | None = None,
+) -> RunResult:
+    """``run_sync`` with the configured pings before and after and the metrics file after.
+
+    Raises what ``run_sync`` raises. A sync refused because another holds the lock (exit 75)
+    sends no completion ping and leaves the metrics file alone: the holder reports its run.
+    """
+    pinger = HealthPinger(config.monitoring.healthcheck_url)
+    pinger.start()
+    started_at = utcnow()
+    try:
+        result = run_sync(
+            config, chatids=chatids, trigger=trigger, migrate_schema=migrate_schema, stop=stop
+        )
+    except LockHeld:
+        raise
+    except Exception as exc:
+        code = exit_code_for(exc)
+        finished_at = utcnow()
+        reason = describe_exception(exc)
+        if config.metrics_path is not None:
+            metrics = RunMetrics(
+                status="failed",
+                exit_code=code,
+                trigger=trigger,
+                started_at=started_at,
+                finished_at=finished_at,
+                duration_seconds=(finished_at - started_at).total_seconds(),
+                chats_total=len(chatids) if chatids else len(config.chatids),
+                # A database that just failed is not asked again.
+                last_success_at=None if isinstance(exc, DatabaseError) else _last_success(config),
+            )
+            write_metrics(config.metrics_path, metrics)
+        pinger.finish(code, f"exit {code}: {reason}\n")
+        raise
+    finished_at = utcnow()
+    if config.metrics_path is not None:
+        last_success = _last_success(config)
+        if last_success is None and result.status == "succeeded":
+            last_success = finished_at
+        metrics = RunMetrics(
+            status=result.status,
+            exit_code=result.exit_code,
+            trigger=trigger,
+            started_at=started_at,
+            finished_at=finished_at,
+            duration_seconds=result.duration_seconds,
+            run_id=result.run_id,
+            chats_total=result.chats_total,
+            chats_succeeded=result.chats_succeeded,
+            chats_failed=result.chats_failed,
+            chats_changed=result.chats_changed,
+            api_calls=result.api_calls,
+            retries=result.retries,
+            last_success_at=last_success,
+        )
+        write_metrics(config.metrics_path, metrics)
+    pinger.finish(result.exit_code, ping_body(result))
+    return result
+
+
+def ping_body(result: RunResult) -> str:
+    """The summary line and the first failed chats, for the healthcheck's event log."""
+    lines = [f"exit {result.exit_code}: {result.summary()}"]
+    lines += [f"failed {f.chatid}: {f.error}" for f in result.failures[:20]]
+    if len(result.failures) > 20:
+        lines.append(f"... and {len(result.failures) - 20} more failed chats")
+    return "\n".join(lines) + "\n"
+
+
+# -- `status`: is the job healthy? ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Health:
+    """The state of the runs as ``dingtalk-etl status`` reports it."""
+
+    checked_at: dt.datetime
+    max_age_seconds: int | None
+    last_run: dict[str, Any] | None  # newest run that is not running
+    running: dict[str, Any] | None  # a newer run still marked running
+    last_success: dict[str, Any] | None
+    failing_chats: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def success_age_seconds(self) -> float | None:
+        if self.last_success is None or self.last_success["finished_at"] is None:
+            return None
+        finished: dt.datetime = self.last_success["finished_at"]
+        return max(0.0, (self.checked_at - finished).total_seconds())
+
+    @property
+    def healthy(self) -> bool:
+        age = self.success_age_seconds
+        if age is None:
+            return False
+        return self.max_age_seconds is None or age <= self.max_age_seconds
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.healthy else EXIT_UNHEALTHY
+
+    def verdict(self) -> str:
+        age = self.success_age_seconds
+        if age is None or self.last_success is None:
+            return "STALE: no successful run recorded"
+        seen = f"last success {format_duration(age)} ago (run {self.last_success['id']})"
+        if not self.healthy:
+            assert self.max_age_seconds is not None
+            return f"STALE: {seen}, more than the allowed {format_duration(self.max_age_seconds)}"
+        return f"OK: {seen}"
+
+    def lines(self) -> list[str]:
+        lines = [self.verdict()]
+        if self.last_success is not None:
+            lines.append(
+                f"last success: run {self.last_success['id']}, finished "
+                f"{_when(self.last_success['finished_at'])}"
+            )
+        else:
+            lines.append("last success: none")
+        run = self.last_run
+        if run is None:
+            lines.append("last run: none")
+        else:
+            lines.append(
+                f"last run: run {run['id']} {run['status']} ({run['trigger']}), started "
+                f"{_when(run['started_at'])}, finished {_when(run['finished_at'])}; "
+                f"{run['chats_succeeded']} ok, {run['chats_failed']} failed of "
+                f"{run['chats_total']} chats" + (f"; error: {run['error']}" if run["error"] else "")
+            )
+        if self.running is not None:
+            lines.append(
+                f"running now: run {self.running['id']} ({self.running['trigger']}), started "
+                f"{_when(self.running['started_at'])} on {self.running['hostname']} "
+                f"pid {self.running['pid']}"
+            )
+        if run is not None:
+            if self.failing_chats:
+                lines.append(f"failing chats in run {run['id']}: {len(self.failing_chats)}")
+                for item in self.failing_chats:
+                    error = (item["error"] or "").replace("\n", " ")
+                    lines.append(f"  {item['chatid']}: {error[:200]}")
+            else:
+                lines.append(f"failing chats in run {run['id']}: none")
+        return lines
+
+    def as_json(self) -> dict[str, Any]:
+        def row(value: dict[str, Any] | None) -> dict[str, Any] | None:
+            return None if value is None else {k: plain(v) for k, v in value.items()}
+
+        age = self.success_age_seconds
+        return {
+            "healthy": self.healthy,
+            "exit_code": self.exit_code,
+            "verdict": self.verdict(),
+            "checked_at": self.checked_at.isoformat(),
+            "max_age_seconds": self.max_age_seconds,
+            "last_success_age_seconds": None if age is None else round(age, 3),
+            "last_success": row(self.last_success),
+            "last_run": row(self.last_run),
+            "running": row(self.running),
+            "failing_chats": [
+                {k: item[k] for k in ("chatid", "errcode", "error", "attempts")}
+                for item in self.failing_chats
+            ],
+        }
+
+
+def _when(value: object) -> str:
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).isoformat(timespec="seconds")
+    return "-"
+
+
+def read_health(
+    config: Config, *, max_age_seconds: int | None = None, now: dt.datetime | None = None
+) -> Health:
+    """Read the run log. Raises ``SchemaNotMigrated`` and ``DatabaseError`` like the others."""
+    engine = create_db_engine(config.database_url)
+    try:
+        with database_errors("reading runs"):
+            migrate.check_schema(engine)
+        store = Store(engine)
+        latest = store.latest_run()
+        last_run = store.latest_run(finished=True)
+        last_success = store.latest_run(status="succeeded")
+        failing: list[dict[str, Any]] = []
+        if last_run is not None:
+            failing = [i for i in store.run_items(last_run["id"]) if i["status"] == "failed"]
+    finally:
+        engine.dispose()
+    running = latest if latest is not None and latest["status"] == "running" else None
+    return Health(
+        checked_at=now or utcnow(),
+        max_age_seconds=max_age_seconds,
+        last_run=last_run,
+        running=running,
+        last_success=last_success,
+        failing_chats=failing,
+    )

@@ -1,0 +1,285 @@
+"""``dingtalk-etl schedule``: APScheduler 3's BlockingScheduler firing monitored syncs.
+
+Sits on top of ``etl.monitoring`` (which wraps ``etl.sync``); takes a ``threading.Event`` that the
+caller sets on SIGTERM/SIGINT and never touches signals or the command line itself.
+
+One job, one worker thread: ``max_instances=1`` (a fire while the previous run goes on is
+skipped and logged), ``coalesce=True`` (fires missed in a row run once) and the configured
+``misfire_grace_time``. Nothing a run does can stop the scheduler: a refused lock, a database
+that is down, a failed run or a bug in a run is logged and the next fire comes as planned.
+Intervals are aligned to the UTC epoch, so instances on several machines fire together and the
+database lock lets exactly one of them sync.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import random
+import threading
+import zoneinfo
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Final
+
+import structlog
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_MAX_INSTANCES,
+    EVENT_JOB_MISSED,
+    EVENT_SCHEDULER_STARTED,
+)
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.base import BaseTrigger
+
+from etl import migrate
+from etl.config import SCHEDULE_TRIGGERS, Config
+from etl.crontab import cron_trigger
+from etl.errors import ConfigError, DatabaseError, LockHeld
+from etl.monitoring import describe_exception, exit_code_for, monitored_sync
+from etl.store import create_db_engine, database_errors, utcnow
+from etl.sync import EXIT_FAILED, EXIT_LOCKED, EXIT_OK
+
+log = structlog.get_logger("etl.scheduler")
+
+JOB_ID: Final = "dingtalk-etl-sync"
+# APScheduler's own log lines are replaced by the schedule.* events below.
+_APSCHEDULER_LOGGER: Final = "apscheduler"
+
+
+def build_trigger(config: Config) -> Any:
+    """The APScheduler trigger of ``[schedule]``; ``ConfigError`` when there is none."""
+    settings = config.schedule
+    timezone = zoneinfo.ZoneInfo(settings.timezone)
+    jitter = settings.jitter_seconds or None
+    if settings.cron is not None:
+        try:
+            return cron_trigger(settings.cron, timezone, jitter)
+        except ValueError as exc:  # validated at load time; kept for direct callers
+            raise ConfigError(f"{config.path}: [schedule] cron: {exc}") from None
+    seconds = settings.interval_seconds
+    if settings.interval_minutes is not None:
+        seconds = settings.interval_minutes * 60
+    if seconds is None:
+        keys = ", ".join(SCHEDULE_TRIGGERS[:2])
+        raise ConfigError(
+            f"{config.path}: [schedule] {keys}: `dingtalk-etl schedule` needs one of them "
+            '(e.g. cron = "10 * * * *")'
+        )
+    return AlignedInterval(seconds, timezone=timezone, jitter=jitter)
+
+
+class AlignedInterval(BaseTrigger):  # type: ignore[misc]  # APScheduler has no type hints
+    """Every ``seconds`` at multiples of ``seconds`` since the UTC epoch, plus 0..``jitter``.
+
+    Unlike APScheduler's IntervalTrigger, the fires stay on the same slots whatever the start
+    time (``run_on_start``, a restart) and the jitter does not accumulate, so instances on
+    several machines fire together. ``jitter`` should stay below ``seconds``.
+    """
+
+    def __init__(
+        self, seconds: int, *, timezone: dt.tzinfo = dt.UTC, jitter: int | None = None
+    ) -> None:
+        self.seconds = seconds
+        self.timezone = timezone
+        self.jitter = jitter
+
+    def get_next_fire_time(
+        self, previous_fire_time: dt.datetime | None, now: dt.datetime
+    ) -> dt.datetime:
+        slot = math.ceil(now.timestamp() / self.seconds) * self.seconds
+        if previous_fire_time is not None:
+            # A jittered fire lies less than `seconds` after its slot.
+            previous_slot = math.floor(previous_fire_time.timestamp() / self.seconds)
+            slot = max(slot, (previous_slot + 1) * self.seconds)
+        when = float(slot) + (random.uniform(0, self.jitter) if self.jitter else 0.0)
+        return dt.datetime.fromtimestamp(when, tz=self.timezone)
+
+    def __str__(self) -> str:
+        return f"every {self.seconds}s aligned to the epoch"
+
+
+def describe_trigger(config: Config) -> str:
+    settings = config.schedule
+    if settings.cron is not None:
+        return f"cron {settings.cron!r} in {settings.timezone}"
+    if settings.interval_minutes is not None:
+        return f"every {settings.interval_minutes} minutes"
+    return f"every {settings.interval_seconds} seconds"
+
+
+def run_schedule(config: Config, stop: threading.Event) -> None:
+    """Fire syncs on the configured trigger until ``stop`` is set; return when the run in hand
+    (told to stop: it finishes its chat and marks itself interrupted) is over.
+
+    Raises ``ConfigError`` before starting (no trigger, schema not migrated).
+    """
+    SyncScheduler(config, stop).run()
+
+
+class SyncScheduler:
+    def __init__(self, config: Config, stop: threading.Event) -> None:
+        self.config = config
+        self.stop = stop
+        self.trigger = build_trigger(config)
+        # Held by the job while it runs; the main thread takes it before returning.
+        self._running = threading.Lock()
+        self._scheduler = BlockingScheduler(
+            timezone=zoneinfo.ZoneInfo(config.schedule.timezone),
+            logger=logging.getLogger(f"{_APSCHEDULER_LOGGER}.scheduler"),
+            executors={"default": ThreadPoolExecutor(max_workers=1)},
+        )
+
+    def add_job(self) -> Any:
+        """Schedule the sync job (before ``run``); returns APScheduler's ``Job``."""
+        options: dict[str, Any] = {
+            "id": JOB_ID,
+            "name": "dingtalk-etl sync",
+            "max_instances": 1,  # a fire while a run goes on is skipped (schedule.still_running)
+            "coalesce": True,  # fires missed in a row run once
+            "misfire_grace_time": self.config.schedule.misfire_grace_time,
+            "replace_existing": True,
+        }
+        if self.config.schedule.run_on_start:
+            options["next_run_time"] = utcnow()
+        return self._scheduler.add_job(self._fire, self.trigger, **options)
+
+    def run(self) -> None:
+        _check_database(self.config)
+        self.add_job()
+        self._scheduler.add_listener(self._on_started, EVENT_SCHEDULER_STARTED)
+        self._scheduler.add_listener(
+            self._on_job_event, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES | EVENT_JOB_ERROR
+        )
+        if self.stop.is_set():
+            return
+        with _quiet_apscheduler():
+            self._scheduler.start()  # blocks until _shutdown_on_stop shuts it down
+            with self._running:  # the run in hand, if any, has finished
+                pass
+        log.info("schedule.stopped")
+
+    # -- scheduler callbacks (APScheduler's threads) -----------------------------------------
+
+    def _on_started(self, _event: Any) -> None:
+        settings = self.config.schedule
+        log.info(
+            "schedule.started",
+            trigger=describe_trigger(self.config),
+            timezone=settings.timezone,
+            jitter_seconds=settings.jitter_seconds,
+            misfire_grace_time=settings.misfire_grace_time,
+            run_on_start=settings.run_on_start,
+            next_fire=_iso(self._next_fire()),
+        )
+        threading.Thread(target=self._shutdown_on_stop, name="schedule-stop", daemon=True).start()
+
+    def _shutdown_on_stop(self) -> None:
+        self.stop.wait()
+        log.info("schedule.stopping", reason="signal")
+        # wait=False: the run in hand may need the scheduler's locks to finish; run() waits
+        # for it instead.
+        self._scheduler.shutdown(wait=False)
+
+    def _on_job_event(self, event: Any) -> None:
+        if self.stop.is_set():
+            return
+        if event.code == EVENT_JOB_MISSED:
+            log.warning(
+                "schedule.missed",
+                scheduled_for=_iso(event.scheduled_run_time),
+                misfire_grace_time=self.config.schedule.misfire_grace_time,
+            )
+        elif event.code == EVENT_JOB_MAX_INSTANCES:
+            times = event.scheduled_run_times
+            log.warning(
+                "schedule.still_running",
+                scheduled_for=_iso(times[-1] if times else None),
+                reason="the previous run has not finished; this fire is skipped",
+            )
+        else:  # cannot happen: _fire catches everything
+            log.error("schedule.run_failed", exit_code=EXIT_FAILED, error=repr(event.exception))
+
+    # -- one fire ---------------------------------------------------------------------------
+
+    def _fire(self) -> None:
+        with self._running:
+            if self.stop.is_set():
+                return
+            try:
+                self._sync_once()
+            finally:
+                if not self.stop.is_set():
+                    log.info("schedule.next_fire", next_fire=_iso(self._next_fire()))
+
+    def _sync_once(self) -> None:
+        try:
+            result = monitored_sync(self.config, trigger="schedule", stop=self.stop)
+        except LockHeld:
+            log.info(
+                "schedule.skipped_locked",
+                exit_code=EXIT_LOCKED,
+                reason="skipped, another instance holds the lock",
+            )
+        except Exception as exc:  # nothing a run does may stop the scheduler
+            log.error(
+                "schedule.run_failed",
+                exit_code=exit_code_for(exc),
+                run_id=None,
+                status=None,
+                error=describe_exception(exc),
+                exc_info=not isinstance(exc, ConfigError | DatabaseError),
+            )
+        else:
+            fields = {
+                "exit_code": result.exit_code,
+                "run_id": result.run_id,
+                "status": result.status,
+                "error": result.error,
+            }
+            if result.exit_code == EXIT_FAILED:
+                log.error("schedule.run_failed", **fields)
+            elif result.exit_code == EXIT_OK:
+                log.info("schedule.run_done", **fields)
+            else:
+                log.warning("schedule.run_done", **fields)
+
+    def _next_fire(self) -> dt.datetime | None:
+        job = self._scheduler.get_job(JOB_ID)
+        if job is None or job.next_run_time is None:
+            return None
+        when: dt.datetime = job.next_run_time
+        return when
+
+
+def _check_database(config: Config) -> None:
+    """Refuse to start on an unmigrated schema; a database that is down is only logged."""
+    engine = create_db_engine(config.database_url)
+    try:
+        with database_errors("checking the schema"):
+            migrate.check_schema(engine)
+    except DatabaseError as exc:
+        log.warning("schedule.database_unreachable", error=exc.message)
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def _quiet_apscheduler() -> Iterator[None]:
+    """APScheduler logs through the standard library; its lines are replaced by ours."""
+    logger = logging.getLogger(_APSCHEDULER_LOGGER)
+    handler = logging.NullHandler()
+    saved = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = saved
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
