@@ -1,0 +1,926 @@
+"""Audit reports: the SQL that answers membership questions, and the shaping of its rows.
+
+Boundary: reads the synced tables (never writes), turns rows into ``Report`` objects whose
+times are shown in the report time zone. Knows SQL (SQLAlchemy Core, portable across SQLite,
+PostgreSQL and MySQL/MariaDB) and time zones; knows nothing of click or of output formats
+(``etl.output`` and ``etl.report_html`` render a ``Report``).
+
+Every answer is reconstructed from ``chat_events``, the append-only log: the membership of a
+chat at time T is the set of users whose latest member event at or before T is
+``member_joined`` (baseline members included). Times are *observation* times: a change
+happened at or before the sync that saw it, after the sync before.
+
+A question the data cannot answer (an unknown chat or user, ``--as-of`` before a chat's first
+sync) raises ``NoAnswer``; the command line exits 1 on it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    case,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+    union,
+)
+from sqlalchemy.sql.elements import ColumnElement
+
+from etl.errors import EtlError
+from etl.normalize import STATUS_DISMISSED, STATUS_NORMAL
+from etl.schema import chat_events, chat_members, chats, sync_run_items, sync_runs
+from etl.store import database_errors, utcnow
+
+MEMBER_EVENTS: Final = ("member_joined", "member_left")
+STATUS_NAMES: Final = {STATUS_NORMAL: "normal", STATUS_DISMISSED: "dismissed"}
+STATUS_CODES: Final = {name: code for code, name in STATUS_NAMES.items()}
+# Open settings an auditor wants to see, as (column, risky value, description).
+RISKS: Final = (
+    ("validation_type", 0, "no join verification"),
+    ("searchable", 1, "searchable"),
+    ("mention_all_authority", 0, "anyone may @all"),
+    ("management_type", 0, "everyone may manage"),
+)
+# The kinds of change the ``changes`` report shows, by event type and field.
+CHANGE_KINDS: Final = (
+    "joined",
+    "left",
+    "dismissed",
+    "restored",
+    "owner_changed",
+    "renamed",
+    "setting_changed",
+)
+MAX_CHARTS: Final = 50
+_MAX_POINTS: Final = 400
+
+BASELINE_NOTE: Final = (
+    "joined_at is when a sync first saw the membership; baseline members (present at the "
+    "chat's first sync) may have joined earlier."
+)
+
+
+class NoAnswer(EtlError):
+    """The data cannot answer the question (unknown chat or user, time before the first sync)."""
+
+
+# -- timestamps ---------------------------------------------------------------------------------
+
+_MONTH = re.compile(r"(\d{4})-(\d{2})")
+_DATE = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})")
+EXAMPLES: Final = (
+    "e.g. 2026-06-30, 2026-06, 2026-06-30T18:00, 2026-06-30T10:00:00Z, 2026-06-30T18:00+08:00"
+)
+
+
+@dataclass(frozen=True)
+class Timestamp:
+    """An ``--as-of``/``--since``/``--until`` value as given: a month, a day or an instant.
+
+    A month or a day is a span: ``start`` is its first instant, ``end`` its last microsecond,
+    in the report time zone. An instant without an offset is read in the report time zone.
+    """
+
+    text: str
+    start_naive: dt.datetime
+    end_naive: dt.datetime
+    tzinfo: dt.tzinfo | None
+
+    def start(self, tz: dt.tzinfo) -> dt.datetime:
+        return self._utc(self.start_naive, tz)
+
+    def end(self, tz: dt.tzinfo) -> dt.datetime:
+        return self._utc(self.end_naive, tz)
+
+    def _utc(self, naive: dt.datetime, tz: dt.tzinfo) -> dt.datetime:
+        try:
+            return naive.replace(tzinfo=self.tzinfo or tz).astimezone(dt.UTC)
+        except OverflowError:
+            raise ValueError(f"{self.text!r} is out of range") from None
+
+
+def parse_timestamp(text: str) -> Timestamp:
+    """Parse an ISO 8601 month, date or date-time; raise ``ValueError`` with an example."""
+    value = text.strip()
+    try:
+        if match := _MONTH.fullmatch(value):
+            year, month = int(match[1]), int(match[2])
+            start = dt.datetime(year, month, 1)
+            last_month = (year, month) == (9999, 12)
+            following = None if last_month else dt.datetime(year + month // 12, month % 12 + 1, 1)
+            return Timestamp(text, start, _last_microsecond(start, following), None)
+        if match := _DATE.fullmatch(value):
+            start = dt.datetime(int(match[1]), int(match[2]), int(match[3]))
+            following = start + dt.timedelta(days=1) if start.date() < dt.date.max else None
+            return Timestamp(text, start, _last_microsecond(start, following), None)
+        instant = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO 8601 date or time ({EXAMPLES})") from None
+    naive = instant.replace(tzinfo=None)
+    return Timestamp(text, naive, naive, instant.tzinfo)
+
+
+def _last_microsecond(start: dt.datetime, following: dt.datetime | None) -> dt.datetime:
+    """The last instant before ``following``; None: the span ends with the calendar."""
+    return dt.datetime.max if following is None else following - dt.timedelta(microseconds=1)
+
+
+def check_window(since: dt.datetime | None, until: dt.datetime | None) -> None:
+    if since is not None and until is not None and since > until:
+        raise ValueError("--since is after --until")
+
+
+# -- reports ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeriesPoint:
+    """Member count of a chat right after one successful sync (or at a window's start)."""
+
+    at: dt.datetime
+    count: int
+    run_id: int | None
+    joined: int = 0
+    left: int = 0
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class MembershipSeries:
+    chatid: str
+    chat_name: str | None
+    points: tuple[SeriesPoint, ...]
+    dismissed_at: dt.datetime | None = None
+
+
+@dataclass
+class Report:
+    """One answer: rows with named columns, times already in the report time zone."""
+
+    name: str
+    title: str
+    columns: tuple[str, ...]
+    rows: list[dict[str, Any]]
+    timezone: str
+    notes: list[str] = field(default_factory=list)
+    series: list[MembershipSeries] = field(default_factory=list)
+
+
+@dataclass
+class AuditReport:
+    """The HTML audit: chat summary, changes in the window, member count by sync per chat."""
+
+    title: str
+    window: str
+    timezone: str
+    generated_at: dt.datetime
+    summary: Report
+    changes: Report
+    series: list[MembershipSeries]
+    notes: list[str] = field(default_factory=list)
+
+
+class _Clock:
+    """Shows UTC datetimes in the report zone."""
+
+    def __init__(self, tz: ZoneInfo) -> None:
+        self.tz = tz
+
+    def __call__(self, value: dt.datetime | None) -> dt.datetime | None:
+        return None if value is None else value.astimezone(self.tz)
+
+    def text(self, value: dt.datetime) -> str:
+        local = value.astimezone(self.tz)
+        shown = local.strftime("%Y-%m-%d %H:%M:%S")
+        if local.microsecond:
+            shown += f".{local.microsecond:06d}"
+        return f"{shown} {self.tz.key}"
+
+
+def members(
+    engine: Engine,
+    chat: str,
+    *,
+    as_of: dt.datetime | None,
+    tz: ZoneInfo,
+    with_series: bool = False,
+) -> Report:
+    """Who was in ``chat`` at ``as_of`` (UTC; None: now), with joined and left times."""
+    clock = _Clock(tz)
+    with database_errors("reading membership"), engine.connect() as conn:
+        info = _resolve_chat(conn, chat)
+        chatid = info["chatid"]
+        at = as_of or utcnow()
+        if at < info["first_seen_at"]:
+            raise NoAnswer(
+                f"chat {chatid!r} ({info['name']}) was first synced at "
+                f"{clock.text(info['first_seen_at'])}: its membership at {clock.text(at)} is "
+                "unknown (nothing is recorded before a chat's first sync)"
+            )
+        rows = conn.execute(members_at_query(chatid, at)).mappings().all()
+        owner = _value_at(conn, chatid, "owner_userid", at, info["owner_userid"])
+        status = _value_at(conn, chatid, "status", at, str(info["status"]))
+        series = [_series(conn, info, None, at, clock)] if with_series else []
+    shaped = [
+        {
+            "userid": row["userid"],
+            "joined_at": clock(row["joined_at"]),
+            "baseline": bool(row["is_baseline"]),
+            "left_at": clock(row["left_at"]),
+            "is_owner": row["userid"] == owner,
+        }
+        for row in rows
+    ]
+    when = "now" if as_of is None else f"as of {clock.text(as_of)}"
+    notes = [BASELINE_NOTE]
+    if status == str(STATUS_DISMISSED):
+        dismissed = info["dismissed_at"]
+        since = f" (first seen dismissed at {clock.text(dismissed)})" if dismissed else ""
+        notes.insert(0, f"the chat was dismissed at that time{since}: membership as last observed")
+    if any(row["left_at"] is not None for row in shaped):
+        notes.append("left_at: when a later sync first saw the member gone.")
+    return Report(
+        name="members",
+        title=f"Members of {chatid} ({info['name']}) {when}: {len(shaped)}",
+        columns=("userid", "joined_at", "baseline", "left_at", "is_owner"),
+        rows=shaped,
+        timezone=tz.key,
+        notes=notes,
+        series=series,
+    )
+
+
+def members_at_query(chatid: str, at: dt.datetime) -> Any:
+    """Members of ``chatid`` at ``at``: each user's latest member event at or before ``at``
+    is a join. ``left_at`` is when that membership was later seen to end (NULL: not yet)."""
+    e = chat_events.alias("e")
+    later = chat_events.alias("later")
+    latest = (
+        select(func.max(e.c.id).label("id"))
+        .where(e.c.chatid == chatid, e.c.event_type.in_(MEMBER_EVENTS), e.c.observed_at <= at)
+        .group_by(e.c.userid)
+        .subquery("latest")
+    )
+    joined = chat_events.alias("j")
+    left_at = (
+        select(func.min(later.c.observed_at))
+        .where(
+            later.c.chatid == joined.c.chatid,
+            later.c.userid == joined.c.userid,
+            later.c.event_type == "member_left",
+            later.c.id > joined.c.id,
+        )
+        .scalar_subquery()
+    )
+    return (
+        select(
+            joined.c.userid,
+            joined.c.observed_at.label("joined_at"),
+            joined.c.is_baseline,
+            left_at.label("left_at"),
+        )
+        .join(latest, latest.c.id == joined.c.id)
+        .where(joined.c.event_type == "member_joined")
+        .order_by(joined.c.userid)
+    )
+
+
+def changes(
+    engine: Engine,
+    *,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    chats_filter: Sequence[str] = (),
+    userid: str | None = None,
+    tz: ZoneInfo,
+) -> Report:
+    """Joins, leaves and attribute changes observed in [since, until] (both inclusive)."""
+    check_window(since, until)
+    clock = _Clock(tz)
+    with database_errors("reading changes"), engine.connect() as conn:
+        chatids = [_resolve_chat(conn, chat)["chatid"] for chat in chats_filter]
+        if userid is not None:
+            _require_user(conn, userid)
+        rows = conn.execute(_changes_query(since, until, chatids, userid)).mappings().all()
+        discovered = conn.execute(_discovered_query(since, until, chatids)).scalars().all()
+    shaped = [
+        {
+            "observed_at": clock(row["observed_at"]),
+            "chatid": row["chatid"],
+            "chat_name": row["chat_name"],
+            "change": change_kind(
+                row["event_type"], row["field"], row["new_value"], row["old_value"]
+            ),
+            "userid": row["userid"],
+            "field": row["field"],
+            "old_value": row["old_value"],
+            "new_value": row["new_value"],
+            "run_id": row["run_id"],
+        }
+        for row in rows
+    ]
+    notes = ["observed_at: when a sync saw the change; it happened after the previous sync."]
+    if discovered and userid is None:
+        listed = ", ".join(discovered[:10]) + (" ..." if len(discovered) > 10 else "")
+        notes.append(
+            f"{len(discovered)} chat(s) first synced in this window ({listed}): their members "
+            "at that sync are a baseline, not joins (see `report members`)."
+        )
+    scope = []
+    if chatids:
+        scope.append("chat " + ", ".join(chatids))
+    if userid is not None:
+        scope.append(f"user {userid}")
+    title = f"Changes {_window_text(since, until, clock)}"
+    if scope:
+        title += " for " + "; ".join(scope)
+    return Report(
+        name="changes",
+        title=f"{title}: {len(shaped)}",
+        columns=(
+            "observed_at",
+            "chatid",
+            "chat_name",
+            "change",
+            "userid",
+            "field",
+            "old_value",
+            "new_value",
+            "run_id",
+        ),
+        rows=shaped,
+        timezone=tz.key,
+        notes=notes,
+    )
+
+
+def change_kind(event_type: str, field_name: str | None, new: str | None, old: str | None) -> str:
+    if event_type == "member_joined":
+        return "joined"
+    if event_type == "member_left":
+        return "left"
+    if field_name == "status":
+        if new == str(STATUS_DISMISSED):
+            return "dismissed"
+        return "restored" if old == str(STATUS_DISMISSED) else "setting_changed"
+    if field_name == "owner_userid":
+        return "owner_changed"
+    if field_name == "name":
+        return "renamed"
+    return "setting_changed"
+
+
+def _changes_query(
+    since: dt.datetime | None, until: dt.datetime | None, chatids: Sequence[str], userid: str | None
+) -> Any:
+    e = chat_events
+    where: list[ColumnElement[bool]] = [
+        e.c.event_type.in_((*MEMBER_EVENTS, "attribute_changed")),
+        not_(e.c.is_baseline),
+        *_window(e.c.observed_at, since, until),
+    ]
+    if chatids:
+        where.append(e.c.chatid.in_(chatids))
+    if userid is not None:
+        where.append(
+            or_(
+                e.c.userid == userid,
+                and_(
+                    e.c.field == "owner_userid",
+                    or_(e.c.old_value == userid, e.c.new_value == userid),
+                ),
+            )
+        )
+    return (
+        select(
+            e.c.observed_at,
+            e.c.chatid,
+            chats.c.name.label("chat_name"),
+            e.c.event_type,
+            e.c.userid,
+            e.c.field,
+            e.c.old_value,
+            e.c.new_value,
+            e.c.run_id,
+        )
+        .select_from(e.outerjoin(chats, chats.c.chatid == e.c.chatid))
+        .where(*where)
+        .order_by(e.c.observed_at, e.c.id)
+    )
+
+
+def _discovered_query(
+    since: dt.datetime | None, until: dt.datetime | None, chatids: Sequence[str]
+) -> Any:
+    e = chat_events
+    query = select(e.c.chatid).where(
+        e.c.event_type == "chat_discovered", *_window(e.c.observed_at, since, until)
+    )
+    if chatids:
+        query = query.where(e.c.chatid.in_(chatids))
+    return query.order_by(e.c.observed_at, e.c.chatid)
+
+
+def user(engine: Engine, userid: str, *, tz: ZoneInfo) -> Report:
+    """Every chat ``userid`` is or was in, one row per membership interval."""
+    clock = _Clock(tz)
+    with database_errors("reading memberships"), engine.connect() as conn:
+        rows = conn.execute(user_intervals_query(userid)).mappings().all()
+        if not rows:
+            _require_user(conn, userid)
+    shaped = [
+        {
+            "chatid": row["chatid"],
+            "chat_name": row["chat_name"],
+            "joined_at": clock(row["joined_at"]),
+            "baseline": bool(row["is_baseline"]),
+            "left_at": clock(row["left_at"]),
+            "is_owner": row["owner_userid"] == userid,
+            "chat_status": STATUS_NAMES.get(row["chat_status"], row["chat_status"]),
+            "dismissed_at": clock(row["dismissed_at"]),
+        }
+        for row in rows
+    ]
+    current = sum(
+        1 for row in shaped if row["left_at"] is None and row["chat_status"] != "dismissed"
+    )
+    notes = [BASELINE_NOTE, "left_at empty: still a member at the chat's latest sync."]
+    if not shaped:
+        notes.insert(0, f"{userid} owns chats but was never seen as a member of one.")
+    return Report(
+        name="user",
+        title=(
+            f"Chats of {userid}: {len({r['chatid'] for r in shaped})} chat(s), "
+            f"{current} current (not dismissed)"
+        ),
+        columns=(
+            "chatid",
+            "chat_name",
+            "joined_at",
+            "baseline",
+            "left_at",
+            "is_owner",
+            "chat_status",
+            "dismissed_at",
+        ),
+        rows=shaped,
+        timezone=tz.key,
+        notes=notes,
+    )
+
+
+def user_intervals_query(userid: str) -> Any:
+    """One row per ``member_joined`` of the user, with the first leave after it."""
+    joined = chat_events.alias("j")
+    later = chat_events.alias("later")
+    left_at = (
+        select(func.min(later.c.observed_at))
+        .where(
+            later.c.chatid == joined.c.chatid,
+            later.c.userid == joined.c.userid,
+            later.c.event_type == "member_left",
+            later.c.id > joined.c.id,
+        )
+        .scalar_subquery()
+    )
+    return (
+        select(
+            joined.c.chatid,
+            chats.c.name.label("chat_name"),
+            joined.c.observed_at.label("joined_at"),
+            joined.c.is_baseline,
+            left_at.label("left_at"),
+            chats.c.owner_userid,
+            chats.c.status.label("chat_status"),
+            chats.c.dismissed_at,
+        )
+        .select_from(joined.outerjoin(chats, chats.c.chatid == joined.c.chatid))
+        .where(joined.c.userid == userid, joined.c.event_type == "member_joined")
+        .order_by(joined.c.chatid, joined.c.id)
+    )
+
+
+def chat_list(
+    engine: Engine,
+    *,
+    status: str | None = None,
+    risky: bool = False,
+    tz: ZoneInfo,
+    chatids: Sequence[str] = (),
+) -> Report:
+    """Chats with owner, member count, dismissal time and open settings (``risks``)."""
+    clock = _Clock(tz)
+    query = select(chats).order_by(chats.c.chatid)
+    if status is not None:
+        query = query.where(chats.c.status == STATUS_CODES[status])
+    if risky:
+        query = query.where(or_(*(chats.c[column] == value for column, value, _ in RISKS)))
+    if chatids:
+        query = query.where(chats.c.chatid.in_(chatids))
+    with database_errors("reading chats"), engine.connect() as conn:
+        rows = conn.execute(query).mappings().all()
+    shaped = [
+        {
+            "chatid": row["chatid"],
+            "name": row["name"],
+            "status": STATUS_NAMES.get(row["status"], row["status"]),
+            "owner_userid": row["owner_userid"],
+            "member_count": row["member_count"],
+            "first_seen_at": clock(row["first_seen_at"]),
+            "last_synced_at": clock(row["last_synced_at"]),
+            "dismissed_at": clock(row["dismissed_at"]),
+            **{column: row[column] for column, _, _ in RISKS},
+            "risks": chat_risks(row),
+        }
+        for row in rows
+    ]
+    what = "Risky chats" if risky else "Chats"
+    if status is not None:
+        what += f" ({status})"
+    notes = [
+        "risks: " + "; ".join(f"{label} ({column} = {value})" for column, value, label in RISKS)
+    ]
+    return Report(
+        name="chats",
+        title=f"{what}: {len(shaped)}",
+        columns=(
+            "chatid",
+            "name",
+            "status",
+            "owner_userid",
+            "member_count",
+            "first_seen_at",
+            "last_synced_at",
+            "dismissed_at",
+            *(column for column, _, _ in RISKS),
+            "risks",
+        ),
+        rows=shaped,
+        timezone=tz.key,
+        notes=notes,
+    )
+
+
+def chat_risks(row: Any) -> list[str]:
+    """The open settings of a ``chats`` row; an unknown (NULL) setting is no risk."""
+    return [label for column, value, label in RISKS if row[column] == value]
+
+
+def sync_health(engine: Engine, *, tz: ZoneInfo) -> Report:
+    """Per chat ever attempted: last successful sync, last attempt, the latest error."""
+    clock = _Clock(tz)
+    i = sync_run_items
+    ok = i.alias("ok")
+    last_ok = (
+        select(func.max(ok.c.run_id))
+        .where(ok.c.chatid == i.c.chatid, ok.c.status == "ok")
+        .scalar_subquery()
+    )
+    per_chat = (
+        select(
+            i.c.chatid,
+            func.max(i.c.run_id).label("last_run_id"),
+            func.max(case((i.c.status == "ok", i.c.run_id))).label("last_ok_run_id"),
+            func.max(case((i.c.status == "failed", i.c.run_id))).label("last_failed_run_id"),
+            func.sum(
+                case(
+                    (and_(i.c.status == "failed", i.c.run_id > func.coalesce(last_ok, 0)), 1),
+                    else_=0,
+                )
+            ).label("failures_since_ok"),
+        )
+        .group_by(i.c.chatid)
+        .subquery("per_chat")
+    )
+    failed = i.alias("failed")
+    every = union(select(chats.c.chatid), select(i.c.chatid.label("chatid"))).subquery("every")
+    query = (
+        select(
+            every.c.chatid,
+            chats.c.name,
+            chats.c.last_synced_at,
+            per_chat.c.last_run_id,
+            per_chat.c.last_ok_run_id,
+            per_chat.c.failures_since_ok,
+            per_chat.c.last_failed_run_id,
+            sync_runs.c.started_at.label("error_run_started_at"),
+            failed.c.errcode,
+            failed.c.error,
+        )
+        .select_from(
+            every.outerjoin(chats, chats.c.chatid == every.c.chatid)
+            .outerjoin(per_chat, per_chat.c.chatid == every.c.chatid)
+            .outerjoin(
+                failed,
+                and_(
+                    failed.c.chatid == every.c.chatid,
+                    failed.c.run_id == per_chat.c.last_failed_run_id,
+                ),
+            )
+            .outerjoin(sync_runs, sync_runs.c.id == failed.c.run_id)
+        )
+        .order_by(every.c.chatid)
+    )
+    with database_errors("reading sync health"), engine.connect() as conn:
+        rows = conn.execute(query).mappings().all()
+    shaped = []
+    for row in rows:
+        last_run, last_ok = row["last_run_id"], row["last_ok_run_id"]
+        if last_ok is None and row["last_synced_at"] is None:
+            state = "never synced"
+        elif last_run is not None and last_run != last_ok:
+            state = "failing"
+        else:
+            state = "ok"
+        shaped.append(
+            {
+                "chatid": row["chatid"],
+                "chat_name": row["name"],
+                "state": state,
+                "last_synced_at": clock(row["last_synced_at"]),
+                "last_ok_run_id": last_ok,
+                "last_run_id": last_run,
+                "failures_since_ok": int(row["failures_since_ok"] or 0),
+                "latest_error_at": clock(row["error_run_started_at"]),
+                "latest_error_run_id": row["last_failed_run_id"],
+                "latest_errcode": row["errcode"],
+                "latest_error": row["error"],
+            }
+        )
+    failing = sum(1 for row in shaped if row["state"] != "ok")
+    return Report(
+        name="sync-health",
+        title=f"Sync health: {len(shaped)} chat(s), {failing} failing or never synced",
+        columns=(
+            "chatid",
+            "chat_name",
+            "state",
+            "last_synced_at",
+            "last_ok_run_id",
+            "last_run_id",
+            "failures_since_ok",
+            "latest_error_at",
+            "latest_error_run_id",
+            "latest_errcode",
+            "latest_error",
+        ),
+        rows=shaped,
+        timezone=tz.key,
+        notes=[
+            "last_synced_at: last successful fetch; latest_error_at: start of the run that "
+            "recorded the latest error."
+        ],
+    )
+
+
+def audit(
+    engine: Engine,
+    *,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    chats_filter: Sequence[str] = (),
+    userid: str | None = None,
+    tz: ZoneInfo,
+) -> AuditReport:
+    """The changes report plus, for the selected chats (else every chat changed in the
+    window), a summary and the member count after each sync in the window."""
+    clock = _Clock(tz)
+    changed = changes(
+        engine, since=since, until=until, chats_filter=chats_filter, userid=userid, tz=tz
+    )
+    with database_errors("reading chats"), engine.connect() as conn:
+        chatids = [_resolve_chat(conn, chat)["chatid"] for chat in chats_filter]
+    if not chatids:
+        chatids = sorted({row["chatid"] for row in changed.rows})
+    notes: list[str] = []
+    summary = chat_list(engine, tz=tz, chatids=chatids) if chatids else _empty_summary(tz)
+    counts: dict[str, dict[str, int]] = {}
+    for row in changed.rows:
+        kinds = counts.setdefault(row["chatid"], {})
+        kinds[row["change"]] = kinds.get(row["change"], 0) + 1
+    for row in summary.rows:
+        kinds = counts.get(row["chatid"], {})
+        row["joins"] = kinds.get("joined", 0)
+        row["leaves"] = kinds.get("left", 0)
+        row["other_changes"] = sum(n for k, n in kinds.items() if k not in ("joined", "left"))
+    summary.columns = (
+        "chatid",
+        "name",
+        "status",
+        "owner_userid",
+        "member_count",
+        "joins",
+        "leaves",
+        "other_changes",
+        "last_synced_at",
+        "dismissed_at",
+        "risks",
+    )
+    summary.title = f"Chats in this report: {len(summary.rows)}"
+    charted = [row["chatid"] for row in summary.rows][:MAX_CHARTS]
+    if len(summary.rows) > MAX_CHARTS:
+        notes.append(f"charts for the first {MAX_CHARTS} chats only; select chats with --chat")
+    with database_errors("reading membership history"), engine.connect() as conn:
+        series = [_series(conn, _chat_row(conn, chatid), since, until, clock) for chatid in charted]
+    return AuditReport(
+        title="DingTalk group audit",
+        window=_window_text(since, until, clock),
+        timezone=tz.key,
+        generated_at=utcnow().astimezone(tz),
+        summary=summary,
+        changes=changed,
+        series=series,
+        notes=notes + changed.notes,
+    )
+
+
+def _empty_summary(tz: ZoneInfo) -> Report:
+    return Report("chats", "Chats in this report: 0", ("chatid",), [], tz.key)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _window(
+    column: Any, since: dt.datetime | None, until: dt.datetime | None
+) -> list[ColumnElement[bool]]:
+    where: list[ColumnElement[bool]] = []
+    if since is not None:
+        where.append(column >= since)
+    if until is not None:
+        where.append(column <= until)
+    return where
+
+
+def _window_text(since: dt.datetime | None, until: dt.datetime | None, clock: _Clock) -> str:
+    if since is None and until is None:
+        return "since the first sync"
+    if until is None:
+        assert since is not None
+        return f"from {clock.text(since)}"
+    if since is None:
+        return f"until {clock.text(until)}"
+    return f"from {clock.text(since)} to {clock.text(until)}"
+
+
+def _chat_row(conn: Connection, chatid: str) -> Any:
+    return conn.execute(select(chats).where(chats.c.chatid == chatid)).mappings().one()
+
+
+def _resolve_chat(conn: Connection, chat: str) -> Any:
+    """The ``chats`` row of a chatid, else of the one chat with that exact name."""
+    row = conn.execute(select(chats).where(chats.c.chatid == chat)).mappings().first()
+    if row is not None:
+        return row
+    named = conn.execute(select(chats).where(chats.c.name == chat)).mappings().all()
+    if len(named) == 1:
+        return named[0]
+    if len(named) > 1:
+        ids = ", ".join(sorted(r["chatid"] for r in named))
+        raise NoAnswer(f"{len(named)} chats are named {chat!r} ({ids}): give a chatid")
+    attempt = conn.execute(
+        select(sync_run_items.c.errcode, sync_run_items.c.error)
+        .where(sync_run_items.c.chatid == chat)
+        .order_by(sync_run_items.c.run_id.desc())
+        .limit(1)
+    ).first()
+    if attempt is not None:
+        raise NoAnswer(
+            f"chat {chat!r} was never synced successfully (latest error: {attempt.error}); "
+            "see `dingtalk-etl report sync-health`"
+        )
+    raise NoAnswer(
+        f"no chat {chat!r} in the database (neither a synced chatid nor a chat name); "
+        "`dingtalk-etl report chats` lists them"
+    )
+
+
+def _require_user(conn: Connection, userid: str) -> None:
+    seen = conn.execute(
+        select(literal(1))
+        .where(
+            or_(
+                select(chat_members.c.userid).where(chat_members.c.userid == userid).exists(),
+                select(chats.c.chatid).where(chats.c.owner_userid == userid).exists(),
+                select(chat_events.c.id)
+                .where(
+                    chat_events.c.field == "owner_userid",
+                    or_(chat_events.c.old_value == userid, chat_events.c.new_value == userid),
+                )
+                .exists(),
+            )
+        )
+        .limit(1)
+    ).first()
+    if seen is None:
+        raise NoAnswer(f"userid {userid!r} was never seen in any synced chat")
+
+
+def _value_at(conn: Connection, chatid: str, column: str, at: dt.datetime, now: Any) -> Any:
+    """An attribute's value (as text) at ``at``, from its ``attribute_changed`` events."""
+    e = chat_events
+    changes_of = (e.c.chatid == chatid) & (e.c.event_type == "attribute_changed")
+    changes_of &= e.c.field == column
+    before = conn.execute(
+        select(e.c.new_value)
+        .where(changes_of, e.c.observed_at <= at)
+        .order_by(e.c.observed_at.desc(), e.c.id.desc())
+        .limit(1)
+    ).first()
+    if before is not None:
+        return before.new_value
+    after = conn.execute(
+        select(e.c.old_value)
+        .where(changes_of, e.c.observed_at > at)
+        .order_by(e.c.observed_at, e.c.id)
+        .limit(1)
+    ).first()
+    return after.old_value if after is not None else now
+
+
+def _series(
+    conn: Connection,
+    info: Any,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    clock: _Clock,
+) -> MembershipSeries:
+    """Member count right after each successful sync of a chat, within [since, until]."""
+    chatid = info["chatid"]
+    runs = conn.execute(
+        select(sync_run_items.c.run_id, sync_runs.c.started_at)
+        .join(sync_runs, sync_runs.c.id == sync_run_items.c.run_id)
+        .where(sync_run_items.c.chatid == chatid, sync_run_items.c.status == "ok")
+        .order_by(sync_run_items.c.run_id)
+    ).all()
+    events = conn.execute(
+        select(
+            chat_events.c.run_id,
+            chat_events.c.observed_at,
+            chat_events.c.event_type,
+            chat_events.c.userid,
+            chat_events.c.field,
+            chat_events.c.new_value,
+        )
+        .where(chat_events.c.chatid == chatid)
+        .order_by(chat_events.c.id)
+    ).all()
+    by_run: dict[int | None, list[Any]] = {}
+    for event in events:
+        by_run.setdefault(event.run_id, []).append(event)
+    present: set[str] = set()
+    points: list[SeriesPoint] = []
+    for run_id, started_at in runs:
+        batch = by_run.get(run_id, [])
+        joined = left = 0
+        labels: list[str] = []
+        for event in batch:
+            if event.event_type == "member_joined":
+                present.add(event.userid)
+                joined += 1
+            elif event.event_type == "member_left":
+                present.discard(event.userid)
+                left += 1
+            elif event.event_type == "chat_discovered":
+                labels.append("first sync")
+            elif event.field == "status" and event.new_value == str(STATUS_DISMISSED):
+                labels.append("dismissed")
+        at = max((event.observed_at for event in batch), default=started_at)
+        if "first sync" in labels:
+            joined = 0  # the baseline is no join
+        points.append(SeriesPoint(at, len(present), run_id, joined, left, ", ".join(labels)))
+    windowed = [
+        p for p in points if (since is None or p.at >= since) and (until is None or p.at <= until)
+    ]
+    if since is not None:
+        earlier = [p for p in points if p.at < since]
+        if earlier:
+            windowed.insert(0, SeriesPoint(since, earlier[-1].count, None, label="window start"))
+    if len(windowed) > _MAX_POINTS:
+        windowed = _thin(windowed)
+    local = tuple(
+        SeriesPoint(clock(p.at) or p.at, p.count, p.run_id, p.joined, p.left, p.label)
+        for p in windowed
+    )
+    return MembershipSeries(chatid, info["name"], local, clock(info["dismissed_at"]))
+
+
+def _thin(points: list[SeriesPoint]) -> list[SeriesPoint]:
+    """Only the points where something happened, plus the first and the last."""
+    last = len(points) - 1
+    return [
+        p
+        for index, p in enumerate(points)
+        if index in (0, last) or p.joined or p.left or p.label or p.count != points[index - 1].count
+    ]
