@@ -1,0 +1,1 @@
+"""Fault injection: killed processes, lost databases, a hostile network, expiring tokens."""
