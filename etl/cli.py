@@ -5,6 +5,7 @@ Exit codes (the contract): 0 ok, 1 partial, 2 usage, 3 run failed, 75 locked, 78
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import signal
 import sys
@@ -14,19 +15,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
+from zoneinfo import ZoneInfo
 
 import click
+from sqlalchemy import Engine
 
-from etl import __version__, migrate
+from etl import __version__, migrate, reports
 from etl.config import Config, check_chatid, load_config, resolve_config_path
 from etl.demo import demo_world, run_demo
 from etl.errors import ConfigError, EtlError, FatalError, LockHeld
 from etl.lock import run_lock
 from etl.logs import configure_logging
-from etl.output import plain, to_table
+from etl.monitoring import monitored_sync, parse_duration, read_health
+from etl.output import plain, to_table, write_text_atomic
+from etl.report_html import FORMATS, render, render_audit
+from etl.scheduler import run_schedule
 from etl.simulator import Simulator, World
 from etl.store import Store, create_db_engine, database_errors
-from etl.sync import EXIT_CONFIG, EXIT_FAILED, EXIT_LOCKED, run_sync
+from etl.sync import EXIT_CONFIG, EXIT_FAILED, EXIT_LOCKED
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -94,6 +100,7 @@ def cli(ctx: click.Context, config_option: str | None) -> None:
       dingtalk-etl db upgrade                create or migrate the tables
       dingtalk-etl sync                      one run; exit 0 ok, 1 partial, 3 failed
       dingtalk-etl runs                      what recent runs did
+      dingtalk-etl report --help             who was in which group when, what changed
 
     Exit codes: 0 ok, 1 some chats failed, 2 usage error, 3 run failed,
     75 another sync holds the lock, 78 configuration error.
@@ -164,8 +171,11 @@ def sync(obj: _Ctx, chatids: tuple[str, ...], migrate: bool) -> None:
     stop = threading.Event()
     with _errors(), _stop_on_signals(stop):
         config = obj.load(need_api=True)
-        result = run_sync(config, chatids=chatids or None, migrate_schema=migrate, stop=stop)
+        result = monitored_sync(config, chatids=chatids or None, migrate_schema=migrate, stop=stop)
     click.echo(result.summary())
+    if result.exit_code == EXIT_FAILED:
+        # cron mails stderr: the reason must be there, not only in the summary line.
+        click.echo(f"dingtalk-etl: error: run failed: {result.error}", err=True)
     for failure in result.failures[:20]:
         click.echo(f"  failed {failure.chatid}: {failure.error}", err=True)
     if len(result.failures) > 20:
@@ -226,6 +236,85 @@ def runs(obj: _Ctx, limit: int, as_json: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
+@click.pass_obj
+def schedule(obj: _Ctx) -> None:
+    """Run `sync` on the [schedule] trigger until SIGTERM or SIGINT (Ctrl-C).
+
+    Needs [schedule] cron (or interval_minutes). Each fire is one sync run recorded with
+    trigger 'schedule', watched like `sync` ([monitoring]). A run that fails, a database
+    that is down and a lock held by another instance (several instances may share one
+    database: one syncs, the others log schedule.skipped_locked) are logged; the next fire
+    comes as planned. On SIGTERM/SIGINT the run in hand finishes its current chat, is marked
+    interrupted, and the command exits 0.
+
+    \b
+    Exit codes:
+      0   stopped by SIGTERM/SIGINT
+      78  configuration error (no trigger), or the schema needs `dingtalk-etl db upgrade`
+
+    \b
+    Examples:
+      dingtalk-etl --config /etc/dingtalk-etl/config.toml schedule
+    """
+    stop = threading.Event()
+    with _errors(), _stop_on_signals(stop):
+        config = obj.load(need_api=True)
+        run_schedule(config, stop)
+
+
+def _check_duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    """``90s``, ``30m``, ``2h``, ``1d`` or plain seconds, as whole seconds (else exit 2)."""
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option(
+    "--max-age",
+    "max_age",
+    default=None,
+    metavar="DURATION",
+    callback=_check_duration,
+    help="Unhealthy when the last successful run finished longer ago than this: "
+    "90s, 30m, 2h, 1d or plain seconds.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the state as one JSON object.")
+@click.pass_obj
+def status(obj: _Ctx, max_age: int | None, as_json: bool) -> None:
+    """Is the job healthy? The last run, time since the last success, failing chats.
+
+    A success is a run whose status is 'succeeded' (every chat synced); a partial run is
+    not. Needs only the [database] setting. The first line is the verdict (OK or STALE).
+
+    \b
+    Exit codes:
+      0   healthy: a run succeeded (within --max-age, if given)
+      1   unhealthy: no successful run recorded, or the last is older than --max-age
+      2   usage error (e.g. a bad DURATION)
+      3   the database cannot be read
+      78  configuration error, or the schema needs `dingtalk-etl db upgrade`
+
+    \b
+    Examples:
+      dingtalk-etl status --max-age 2h
+      dingtalk-etl status --max-age 1d --json | jq .last_success_age_seconds
+    """
+    with _errors():
+        config = obj.load(need_api=False)
+        health = read_health(config, max_age_seconds=max_age)
+    if as_json:
+        click.echo(json.dumps(health.as_json(), indent=2, ensure_ascii=False))
+    else:
+        for line in health.lines():
+            click.echo(line)
+    sys.exit(health.exit_code)
+
+
+@cli.command(context_settings=CONTEXT)
 @click.option(
     "--host",
     default="127.0.0.1",
@@ -244,8 +333,66 @@ def runs(obj: _Ctx, limit: int, as_json: bool) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Scenario TOML (chats, credentials, faults). Default: the demo world.",
 )
-def simulate(host: str, port: int, scenario: Path | None) -> None:
-    """Serve a local DingTalk simulator (gettoken, chat/get) until Ctrl-C.
+@click.option(
+    "--generate",
+    "generate",
+    metavar="N",
+    type=click.IntRange(min=1),
+    help="Serve a generated world of N chats (gen-000001 ...) instead of the demo world.",
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seed of the generated world: the same seed gives the same chats.",
+)
+@click.option(
+    "--max-members",
+    default=10000,
+    show_default=True,
+    type=click.IntRange(min=10),
+    help="Size of the largest generated chat; most stay far smaller.",
+)
+@click.option(
+    "--mutate",
+    "mutate_share",
+    metavar="SHARE",
+    type=click.FloatRange(0.0, 1.0),
+    help="Change this share of the active chats (joins, leaves, renames) before serving.",
+)
+@click.option(
+    "--mutate-seed",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Seed of --mutate: the same seed changes the same chats the same way.",
+)
+@click.option(
+    "--rate-limit",
+    metavar="N",
+    type=click.IntRange(min=0),
+    help="Answer errcode 88 (subcode 90018) beyond N calls per second per API; 0: no limit.",
+)
+@click.option(
+    "--latency-ms",
+    metavar="MS",
+    type=click.IntRange(min=0),
+    help="Delay every answer by MS milliseconds.",
+)
+def simulate(
+    host: str,
+    port: int,
+    scenario: Path | None,
+    generate: int | None,
+    seed: int,
+    max_members: int,
+    mutate_share: float | None,
+    mutate_seed: int,
+    rate_limit: int | None,
+    latency_ms: int | None,
+) -> None:
+    """Serve a local DingTalk simulator (gettoken, chat/get) until Ctrl-C or SIGTERM.
 
     Point a config at it to try dingtalk-etl safely:
 
@@ -255,32 +402,63 @@ def simulate(host: str, port: int, scenario: Path | None) -> None:
       app_key = "demo-key"
       app_secret = "demo-secret"
 
+    A generated world (--generate) has chats from ten to --max-members members drawn from
+    one pool of users, so users share chats; chatids are gen-000001, gen-000002 ... To see
+    a sync pick up changes, serve the same world again with --mutate. On exit it prints how
+    many requests it served and how many it throttled.
+
     \b
     Examples:
       dingtalk-etl simulate
       dingtalk-etl simulate --port 9000 --scenario tests/fixtures/scenario_small.toml
+      dingtalk-etl simulate --generate 2000 --seed 2          # about 380k memberships
+      dingtalk-etl simulate --generate 2000 --seed 2 --mutate 0.01 --mutate-seed 5
+      dingtalk-etl simulate --generate 300 --rate-limit 20 --latency-ms 30
     """
+    if scenario is not None and generate is not None:
+        raise click.UsageError("--scenario and --generate are alternatives; give one")
     try:
-        world = World.from_scenario(scenario) if scenario else demo_world()
+        if generate is not None:
+            world = World.generate(generate, seed=seed, max_members=max_members)
+        else:
+            world = World.from_scenario(scenario) if scenario else demo_world()
     except (OSError, ValueError) as exc:
         _fail(str(exc), EXIT_CONFIG)
+    if rate_limit is not None:
+        world.rate_limit = rate_limit
+    if latency_ms is not None:
+        world.latency_ms = latency_ms
+    mutated = world.mutate(mutate_share, seed=mutate_seed) if mutate_share else 0
     sim = Simulator(world, host=host, port=port)
     try:
         sim.start()
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_FAILED)
-    click.echo(f"DingTalk simulator on {sim.base_url} ({len(world.chats)} chats)")
+    memberships = sum(len(chat.useridlist) for chat in world.chats.values())
+    click.echo(
+        f"DingTalk simulator on {sim.base_url} ({len(world.chats)} chats, "
+        f"{memberships} memberships)"
+    )
     click.echo(f"  app_key = {world.app_key!r}  app_secret = {world.app_secret!r}")
     click.echo(
         "  chatids: "
         + ", ".join(sorted(world.chats)[:8])
         + (" ..." if len(world.chats) > 8 else "")
     )
+    if mutated:
+        click.echo(f"  changed {mutated} chats (--mutate {mutate_share}, seed {mutate_seed})")
+    if world.rate_limit or world.latency_ms:
+        click.echo(
+            f"  rate limit {world.rate_limit or 'none'} calls/s per API, "
+            f"latency {world.latency_ms} ms"
+        )
     click.echo("Ctrl-C to stop.")
     done = threading.Event()
     with _stop_on_signals(done):
         done.wait()
     sim.stop()
+    stats = world.stats
+    click.echo(f"served {stats.total_requests} requests, {stats.throttled} throttled")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -301,6 +479,274 @@ def demo(database: Path) -> None:
     """
     with _errors():
         run_demo(database, echo=click.echo)
+
+
+# -- reports ----------------------------------------------------------------------------------
+
+EXIT_NO_ANSWER = 1
+TIME_HELP = (
+    "ISO 8601: 2026-06-30, 2026-06 (a month), 2026-06-30T18:00, 2026-06-30T10:00:00Z, "
+    "2026-06-30T18:00+08:00; without an offset read in [report] timezone."
+)
+
+
+def _parse_time(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> reports.Timestamp | None:
+    """A timestamp option, checked before anything else runs (a bad one is exit 2)."""
+    if value is None:
+        return None
+    try:
+        return reports.parse_timestamp(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _instant(
+    value: reports.Timestamp | None, tz: ZoneInfo, *, end: bool, option: str
+) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        return value.end(tz) if end else value.start(tz)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=f"'{option}'") from None
+
+
+def _report_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option(
+        "--output",
+        metavar="FILE",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Write the report to FILE (replaced atomically) instead of stdout.",
+    )(command)
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(FORMATS),
+        default="table",
+        show_default=True,
+        help="table for people, csv and json (an array of objects) for programs, html for a "
+        "self-contained page.",
+    )(command)
+
+
+def _report(
+    obj: _Ctx, fmt: str, output: Path | None, build: Callable[[Engine, ZoneInfo], str]
+) -> None:
+    """Load the [database] and [report] settings, check the schema, build, print or write."""
+    with _errors():
+        config = obj.load(need_api=False)
+        tz = ZoneInfo(config.report.timezone)
+        engine = create_db_engine(config.database_url)
+        try:
+            with database_errors("reading the database"):
+                migrate.check_schema(engine)
+            text = build(engine, tz)
+        except reports.NoAnswer as exc:
+            _fail(exc.message, EXIT_NO_ANSWER)
+        finally:
+            engine.dispose()
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        write_text_atomic(output, text)
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror or exc}", EXIT_FAILED)
+    click.echo(f"wrote {output}", err=True)
+
+
+@cli.group(context_settings=CONTEXT)
+def report() -> None:
+    """Audit reports: who was in which group when, what changed, risky settings, sync health.
+
+    \b
+    The questions they answer:
+      Who was in the finance group on 30 June (at the end of that day)?
+        dingtalk-etl report members --chat chat-finance --as-of 2026-06-30
+      Who joined or left any group last month?
+        dingtalk-etl report changes --since 2026-06 --until 2026-06
+      Which groups did this person belong to, and when?
+        dingtalk-etl report user --userid user0042
+      Which groups were dismissed, and who owned them?
+        dingtalk-etl report chats --status dismissed
+      Which groups let anyone @all or join without verification?
+        dingtalk-etl report chats --risky --status normal
+      Is every chat syncing?
+        dingtalk-etl report sync-health
+      An audit file to attach to a ticket (summary, changes, membership chart):
+        dingtalk-etl report changes --since 2026-06 --format html --output audit.html
+
+    Every report takes --format table|csv|json|html and --output FILE. Times are shown in
+    [report] timezone (default UTC); --as-of/--since/--until without an offset are read in it.
+    Times are when a sync observed a state: a change happened after the sync before. Needs
+    only the [database] setting and a migrated schema.
+
+    \b
+    Exit codes:
+      0   the report was produced
+      1   no answer: unknown chat or user, or --as-of before the chat's first sync
+      2   usage error: bad option or timestamp
+      3   database error, or --output not writable
+      78  configuration error, or the schema needs `dingtalk-etl db upgrade`
+    """
+
+
+@report.command("members", context_settings=CONTEXT)
+@click.option("--chat", required=True, metavar="ID", help="Chatid (or the exact chat name).")
+@click.option(
+    "--as-of",
+    "as_of",
+    metavar="TIMESTAMP",
+    callback=_parse_time,
+    help=f"Membership at this time; a date means the end of that day. Default: now. {TIME_HELP}",
+)
+@_report_options
+@click.pass_obj
+def report_members(
+    obj: _Ctx, chat: str, as_of: reports.Timestamp | None, fmt: str, output: Path | None
+) -> None:
+    """Who was in a chat at a point in time, with joined and left times.
+
+    Reconstructed from chat_events: a member is a user whose latest member event at or
+    before --as-of is a join. Members present at the chat's first sync are a baseline
+    (they may have joined earlier). --as-of before the first sync is an error (exit 1),
+    not an empty list.
+
+    \b
+    Examples:
+      dingtalk-etl report members --chat chat-finance
+      dingtalk-etl report members --chat chat-finance --as-of 2026-06-30
+      dingtalk-etl report members --chat chat-finance --as-of 2026-06-30T18:00+08:00 --format csv
+    """
+
+    def build(engine: Engine, tz: ZoneInfo) -> str:
+        at = _instant(as_of, tz, end=True, option="--as-of")
+        result = reports.members(engine, chat, as_of=at, tz=tz, with_series=fmt == "html")
+        return render(result, fmt)
+
+    _report(obj, fmt, output, build)
+
+
+@report.command("changes", context_settings=CONTEXT)
+@click.option(
+    "--since",
+    metavar="TIMESTAMP",
+    callback=_parse_time,
+    help=f"From this time (inclusive). {TIME_HELP}",
+)
+@click.option(
+    "--until",
+    metavar="TIMESTAMP",
+    callback=_parse_time,
+    help="Up to this time (inclusive; a date or month means its end).",
+)
+@click.option("--chat", "chats", multiple=True, metavar="ID", help="Only this chat (repeatable).")
+@click.option(
+    "--user", "userid", metavar="ID", help="Only this user's joins, leaves and owner changes."
+)
+@_report_options
+@click.pass_obj
+def report_changes(
+    obj: _Ctx,
+    since: reports.Timestamp | None,
+    until: reports.Timestamp | None,
+    chats: tuple[str, ...],
+    userid: str | None,
+    fmt: str,
+    output: Path | None,
+) -> None:
+    """Joins, leaves and attribute changes (dismissals, owner, name, settings) in a window.
+
+    Baseline members at a chat's first sync are not joins. With --format html: the audit
+    file (summary of the chats, member count by sync per chat, the changes), one
+    self-contained page that works offline.
+
+    \b
+    Examples:
+      dingtalk-etl report changes --since 2026-06 --until 2026-06
+      dingtalk-etl report changes --since 2026-06-01 --chat chat-finance --format json
+      dingtalk-etl report changes --user user0042
+      dingtalk-etl report changes --since 2026-06 --format html --output audit-june.html
+    """
+
+    def build(engine: Engine, tz: ZoneInfo) -> str:
+        start = _instant(since, tz, end=False, option="--since")
+        end = _instant(until, tz, end=True, option="--until")
+        if start is not None and end is not None and start > end:
+            raise click.UsageError("--since is after --until")
+        if fmt == "html":
+            audit = reports.audit(
+                engine, since=start, until=end, chats_filter=chats, userid=userid, tz=tz
+            )
+            return render_audit(audit)
+        result = reports.changes(
+            engine, since=start, until=end, chats_filter=chats, userid=userid, tz=tz
+        )
+        return render(result, fmt)
+
+    _report(obj, fmt, output, build)
+
+
+@report.command("user", context_settings=CONTEXT)
+@click.option("--userid", required=True, metavar="ID", help="The DingTalk userid.")
+@_report_options
+@click.pass_obj
+def report_user(obj: _Ctx, userid: str, fmt: str, output: Path | None) -> None:
+    """Every chat a user is or was in, one row per membership interval.
+
+    \b
+    Examples:
+      dingtalk-etl report user --userid user0042
+      dingtalk-etl report user --userid user0042 --format csv --output user0042.csv
+    """
+    _report(obj, fmt, output, lambda engine, tz: render(reports.user(engine, userid, tz=tz), fmt))
+
+
+@report.command("chats", context_settings=CONTEXT)
+@click.option(
+    "--status",
+    type=click.Choice(["normal", "dismissed"]),
+    help="Only normal or only dismissed chats.",
+)
+@click.option(
+    "--risky",
+    is_flag=True,
+    help="Only chats with an open setting: no join verification (validation_type 0), "
+    "searchable (1), anyone may @all (mention_all_authority 0), everyone may manage "
+    "(management_type 0).",
+)
+@_report_options
+@click.pass_obj
+def report_chats(obj: _Ctx, status: str | None, risky: bool, fmt: str, output: Path | None) -> None:
+    """Chats with owner, member count, dismissal time and open settings (risks).
+
+    \b
+    Examples:
+      dingtalk-etl report chats
+      dingtalk-etl report chats --status dismissed
+      dingtalk-etl report chats --risky --status normal --format csv
+    """
+
+    def build(engine: Engine, tz: ZoneInfo) -> str:
+        return render(reports.chat_list(engine, status=status, risky=risky, tz=tz), fmt)
+
+    _report(obj, fmt, output, build)
+
+
+@report.command("sync-health", context_settings=CONTEXT)
+@_report_options
+@click.pass_obj
+def report_sync_health(obj: _Ctx, fmt: str, output: Path | None) -> None:
+    """Per chat: last successful sync, last attempt, failures since, the latest error.
+
+    \b
+    Examples:
+      dingtalk-etl report sync-health
+      dingtalk-etl report sync-health --format json
+    """
+    _report(obj, fmt, output, lambda engine, tz: render(reports.sync_health(engine, tz=tz), fmt))
 
 
 @contextmanager

@@ -1,25 +1,38 @@
 """Configuration: one TOML file plus environment overrides, loaded once into a frozen object.
 
-Bottom layer: imports only ``etl.errors`` and ``etl.redact``. Every problem found (unknown keys,
-wrong types, missing credentials, no chatids, unreadable chatids_file) is collected into a
-single ``ConfigError`` that names the file and each bad key, so an operator fixes them in one go.
+Bottom layer: imports only ``etl.errors``, ``etl.redact`` and ``etl.crontab``. Every problem
+found (unknown keys, wrong types, missing credentials, no chatids, unreadable chatids_file) is
+collected into a single ``ConfigError`` that names the file and each bad key, so an operator
+fixes them in one go.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
+import zoneinfo
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
+import structlog
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+)
 from pydantic_core import PydanticCustomError
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from etl.crontab import check_crontab
 from etl.errors import ConfigError
 from etl.redact import register_secret
 
@@ -29,12 +42,16 @@ ENV_APP_KEY = "DINGTALK_APP_KEY"
 ENV_APP_SECRET = "DINGTALK_APP_SECRET"  # noqa: S105 - the variable's name, not a secret
 ENV_DATABASE_URL = "DINGTALK_ETL_DATABASE_URL"
 
+log = structlog.get_logger("etl.config")
+
 # The drivers this package installs; a URL without a driver gets these rather than
 # SQLAlchemy's defaults (psycopg2, mysqlclient), which are not installed.
 _DEFAULT_DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
 _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+# The [schedule] keys that say when `dingtalk-etl schedule` runs; exactly one is needed.
+SCHEDULE_TRIGGERS = ("cron", "interval_minutes", "interval_seconds")
 MAX_CHATID_LENGTH = 128  # the width of the id columns
 
 
@@ -67,17 +84,62 @@ class DingTalkSettings(_Section):
 
 class DatabaseSettings(_Section):
     url: str = "sqlite:///dingtalk_etl.db"
+    # SQLite only: how long a write waits for another writer before the run fails.
+    busy_timeout_seconds: PositiveFloat = 30.0
 
 
 class SyncSettings(_Section):
     chatids: StrTuple = ()
     chatids_file: str | None = None
     concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    # Past this, the run takes no new chat, writes the ones in hand and ends partial/failed.
+    run_budget_seconds: PositiveFloat | None = None
+
+
+def _check_cron(value: str) -> str:
+    try:
+        check_crontab(value)
+    except ValueError as exc:
+        raise PydanticCustomError(
+            "cron", "not a crontab expression: {reason}", {"reason": str(exc)}
+        ) from None
+    return value
+
+
+def _check_timezone(value: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        raise PydanticCustomError(
+            "timezone", "unknown time zone (use an IANA name such as 'Asia/Shanghai' or 'UTC')"
+        ) from None
+    return value
+
+
+def _check_http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise PydanticCustomError(
+            "url", "must be an http(s) URL such as https://hc-ping.com/<uuid>"
+        )
+    return value
 
 
 class ScheduleSettings(_Section):
-    cron: str | None = None
+    cron: Annotated[str, AfterValidator(_check_cron)] | None = None
     interval_minutes: Annotated[int, Field(ge=1)] | None = None
+    # Advanced: sub-minute intervals (tests, very small setups); prefer interval_minutes.
+    interval_seconds: Annotated[int, Field(ge=1)] | None = None
+    run_on_start: bool = False
+    timezone: Annotated[str, AfterValidator(_check_timezone)] = "UTC"
+    jitter_seconds: Annotated[int, Field(ge=0)] = 0
+    misfire_grace_time: Annotated[int, Field(ge=1)] = 300
+
+
+class MonitoringSettings(_Section):
+    # Relative to the config file's folder; ``Config.metrics_path`` is the resolved path.
+    metrics_file: str | None = None
+    healthcheck_url: Annotated[str, AfterValidator(_check_http_url)] | None = None
 
 
 class LoggingSettings(_Section):
@@ -85,12 +147,19 @@ class LoggingSettings(_Section):
     format: Literal["json", "console"] = "json"
 
 
+class ReportSettings(_Section):
+    # Zone in which `dingtalk-etl report` shows times and reads naive --as-of/--since/--until.
+    timezone: Annotated[str, AfterValidator(_check_timezone)] = "UTC"
+
+
 class _FileModel(_Section):
     dingtalk: DingTalkSettings = Field(default_factory=DingTalkSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     sync: SyncSettings = Field(default_factory=SyncSettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    report: ReportSettings = Field(default_factory=ReportSettings)
 
 
 @dataclass(frozen=True)
@@ -104,6 +173,11 @@ class Config:
     schedule: ScheduleSettings
     logging: LoggingSettings
     chatids: tuple[str, ...]
+    monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
+    metrics_path: Path | None = None  # [monitoring] metrics_file, resolved
+    report: ReportSettings = field(default_factory=ReportSettings)
+    # Not the whole [database] section: its url holds the password, and this repr must not.
+    busy_timeout_seconds: float = 30.0  # [database] busy_timeout_seconds
 
     @property
     def app_key(self) -> str:
@@ -152,7 +226,26 @@ def load_config(
         raw: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    _warn_if_secret_exposed(path, raw)
     return parse_config(raw, path, need_api=need_api, environ=env)
+
+
+def _warn_if_secret_exposed(path: Path, raw: Mapping[str, Any]) -> None:
+    """A warning, not an error: the file may be shared on purpose, but the secret leaks."""
+    dingtalk = raw.get("dingtalk")
+    if not isinstance(dingtalk, dict) or not dingtalk.get("app_secret"):
+        return
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    if mode & 0o044:
+        log.warning(
+            "config.insecure_permissions",
+            path=str(path),
+            mode=f"{mode:04o}",
+            hint=f"the file holds app_secret and other users can read it: chmod 600 {path}",
+        )
 
 
 def parse_config(
@@ -220,8 +313,17 @@ def parse_config(
         chatids = _collect_chatids(
             model.sync, base, problems, report_empty=ok("sync", "chatids", "chatids_file")
         )
-    if model.schedule.cron is not None and model.schedule.interval_minutes is not None:
-        problems.append("[schedule] cron, interval_minutes: give one of them, not both")
+    triggers = [k for k in SCHEDULE_TRIGGERS if getattr(model.schedule, k) is not None]
+    if len(triggers) > 1:
+        problems.append(f"[schedule] {', '.join(triggers)}: give one of them, not both")
+    healthcheck_url = model.monitoring.healthcheck_url
+    if healthcheck_url is not None:
+        # Whoever has a ping URL can report on this job: keep it out of every message.
+        register_secret(healthcheck_url)
+        register_secret(urlsplit(healthcheck_url).path.strip("/") or None)
+    metrics_path: Path | None = None
+    if model.monitoring.metrics_file is not None:
+        metrics_path = base / Path(model.monitoring.metrics_file)
     if problems:
         raise _config_error(path, problems)
     assert db_url is not None
@@ -233,6 +335,10 @@ def parse_config(
         schedule=model.schedule,
         logging=model.logging,
         chatids=chatids,
+        monitoring=model.monitoring,
+        metrics_path=metrics_path,
+        report=model.report,
+        busy_timeout_seconds=model.database.busy_timeout_seconds,
     )
 
 
@@ -275,7 +381,9 @@ def _describe(err: Mapping[str, Any], overrides: Mapping[tuple[str, str], str]) 
         return f"{where}: unknown key"
     source = " (from the environment)" if tuple(loc[:2]) in overrides else ""
     got = ""
-    if "input" in err and not isinstance(err["input"], dict) and loc[-1] != "app_secret":
+    # Never echo what may hold a secret: the app secret, or a database URL and its password.
+    secret = loc[-1] == "app_secret" or tuple(loc[:2]) == ("database", "url")
+    if "input" in err and not isinstance(err["input"], dict) and not secret:
         got = f" (got {err['input']!r})"
     return f"{where}{source}: {err['msg']}{got}"
 
@@ -294,11 +402,17 @@ def _database_url(raw: str, base: Path, *, from_env: bool, problems: list[str]) 
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         problems.append(f"{where}: not a database URL (e.g. sqlite:///dingtalk_etl.db)")
         return None
+    register_secret(url.password if isinstance(url.password, str) else None)
     backend = url.get_backend_name()
     if backend not in {"sqlite", "postgresql", "mysql", "mariadb"}:
         problems.append(
             f"{where}: unsupported database {backend!r} (sqlite, postgresql, mysql, mariadb)"
         )
+        return None
+    if url.host and "@" in url.host:
+        # An unencoded '@' in the password: its tail became the host, and would be shown in
+        # every connection error.
+        problems.append(f"{where}: '@' in the host name: URL-encode the password ('@' is %40)")
         return None
     if "+" not in url.drivername and backend in _DEFAULT_DRIVERS:
         url = url.set(drivername=f"{backend}+{_DEFAULT_DRIVERS[backend]}")
@@ -309,7 +423,6 @@ def _database_url(raw: str, base: Path, *, from_env: bool, problems: list[str]) 
         db_path = Path(url.database)
         if not db_path.is_absolute() and not from_env:
             url = url.set(database=str(base / db_path))
-    register_secret(url.password if isinstance(url.password, str) else None)
     return url
 
 

@@ -15,7 +15,8 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -27,6 +28,7 @@ from etl import __version__
 from etl.errors import (
     ChatError,
     FatalApiError,
+    FatalError,
     PayloadError,
     RunInterrupted,
     TokenError,
@@ -77,6 +79,12 @@ def classify(endpoint: str, status: int, body: bytes, headers: Mapping[str, str]
         raise TransientError(
             f"{endpoint}: answer is not JSON (HTTP {status}, {len(body)} bytes)",
             http_status=status,
+        ) from None
+    except RecursionError:
+        # Deeper than the parser's stack. No proxy page looks like that and the next answer
+        # would be the same: this chat fails, instead of the error escaping the worker.
+        raise ChatError(
+            f"{endpoint}: answer is JSON nested too deeply to read", http_status=status
         ) from None
     if not isinstance(data, dict):
         raise TransientError(f"{endpoint}: answer is JSON but not an object", http_status=status)
@@ -141,16 +149,38 @@ def _server_wait(seconds: float) -> float | None:
     return min(max(0.0, float(seconds)), MAX_SERVER_WAIT_SECONDS)
 
 
+class _Ticket:
+    """One request's place in the window.
+
+    The request ``n`` places later may start ``window`` after ``anchor``: first the start of
+    this request, then, once it is over, the time its answer arrived. The server saw the
+    request somewhere in between, so counting from the answer keeps the server's window
+    (counted on arrival) under the rate however late the request reached it: under load a
+    request can sit tens of milliseconds between our start and the server's clock.
+    """
+
+    __slots__ = ("anchor", "over")
+
+    def __init__(self) -> None:
+        self.anchor = 0.0
+        self.over = threading.Event()
+
+
 class Pacer:
     """Process-wide limit: at most ``rate`` request starts in any one-second window.
 
-    A sliding log of the last ``n`` start times (not a token bucket, which would allow a
-    2n burst across a window boundary). Callers reserve their slot under the lock and sleep
-    outside it, so workers start in order without busy-waiting.
+    A sliding log of the last ``n`` requests (not a token bucket, which would allow a 2n
+    burst across a window boundary): request ``j`` starts no earlier than ``window`` after
+    request ``j - n`` (see ``_Ticket``), which puts at most ``n`` starts, and at most ``n``
+    arrivals at the server, into any one-second window. Callers reserve their place under
+    the lock and wait outside it, so workers start in order without busy-waiting.
     """
 
-    # Arrival-time jitter on the wire must not push n+1 requests into the server's window.
-    SAFETY_SECONDS: Final = 0.02
+    # Leeway for clock resolution on either side. Delays on the way need none: the window
+    # counts from the answer, which comes after the server saw the request.
+    SAFETY_SECONDS: Final = 0.005
+    # How often a worker waiting for an earlier request to finish looks at the stop event.
+    _STOP_POLL_SECONDS: Final = 0.1
 
     def __init__(
         self,
@@ -161,7 +191,7 @@ class Pacer:
     ) -> None:
         self._n = max(1, int(rate))
         self._window = max(1.0, self._n / rate) + self.SAFETY_SECONDS
-        self._starts: deque[float] = deque(maxlen=self._n)
+        self._recent: deque[_Ticket] = deque(maxlen=self._n)
         self._not_before = 0.0
         self._clock = clock
         self._stop = stop or threading.Event()
@@ -172,23 +202,52 @@ class Pacer:
         return self._stop
 
     def acquire(self) -> None:
-        """Wait for a slot; raise ``RunInterrupted`` if the run is being stopped."""
-        with self._lock:
-            now = self._clock()
-            slot = max(now, self._not_before)
-            if len(self._starts) == self._n:
-                slot = max(slot, self._starts[0] + self._window)
-            self._starts.append(slot)
-        delay = slot - self._clock()
-        if delay > 0 and self._stop.wait(delay):
-            raise RunInterrupted("run stopped while waiting to call the API")
-        if self._stop.is_set():
-            raise RunInterrupted("run stopped before calling the API")
+        """Wait for a slot; raise ``RunInterrupted`` if the run is being stopped.
+
+        The slot counts from its start only; :meth:`slot` also counts the request's duration.
+        """
+        ticket = _Ticket()
+        try:
+            self._start(ticket)
+        finally:
+            ticket.over.set()
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Wait for a slot, then hold it for the request made in the block."""
+        ticket = _Ticket()
+        try:
+            self._start(ticket)
+            yield
+        finally:
+            # Also when the request failed or never started: later requests wait for this.
+            ticket.anchor = max(ticket.anchor, self._clock())
+            ticket.over.set()
 
     def pause(self, seconds: float) -> None:
         """Throttled: nobody starts a request for ``seconds`` from now."""
         with self._lock:
             self._not_before = max(self._not_before, self._clock() + seconds)
+
+    def _start(self, ticket: _Ticket) -> _Ticket:
+        with self._lock:
+            earlier = self._recent[0] if len(self._recent) == self._n else None
+            self._recent.append(ticket)
+        if earlier is not None:
+            while not earlier.over.wait(self._STOP_POLL_SECONDS):
+                if self._stop.is_set():
+                    raise RunInterrupted("run stopped while waiting to call the API")
+        with self._lock:
+            slot = max(self._clock(), self._not_before)
+            if earlier is not None:
+                slot = max(slot, earlier.anchor + self._window)
+            ticket.anchor = slot
+        delay = slot - self._clock()
+        if delay > 0 and self._stop.wait(delay):
+            raise RunInterrupted("run stopped while waiting to call the API")
+        if self._stop.is_set():
+            raise RunInterrupted("run stopped before calling the API")
+        return ticket
 
 
 @dataclass
@@ -213,12 +272,21 @@ class TokenCache:
         self._clock = clock
         self._token: str | None = None
         self._refresh_at = 0.0
+        self._failure: FatalError | None = None
         self._lock = threading.Lock()
 
     def get(self) -> str:
         with self._lock:
+            if self._failure is not None:
+                # Workers queued behind a refused gettoken must not each ask again: one
+                # refusal is the run's answer, and api_calls stays exact.
+                raise FatalApiError(self._failure.message) from self._failure
             if self._token is None or self._clock() >= self._refresh_at:
-                token, expires_in = self._fetch()
+                try:
+                    token, expires_in = self._fetch()
+                except FatalError as exc:
+                    self._failure = exc
+                    raise
                 # Refresh a little early (DingTalk asks for it): 10% of the lifetime, <= 5 min.
                 self._refresh_at = self._clock() + expires_in - min(300.0, expires_in * 0.1)
                 self._token = token
@@ -408,19 +476,19 @@ class DingTalkClient:
         counter: CallCounter,
         chatid: str | None,
     ) -> dict[str, Any]:
-        self._pacer.acquire()
-        with self._counts.lock:
-            self._counts.api_calls += 1
-            if counter.attempts > 0:
-                self._counts.retries += 1
-        counter.attempts += 1
         url = f"{self._base}/{endpoint}"
         try:
-            with self._session().get(
-                url, params=params, timeout=self._timeout, stream=True
-            ) as response:
-                body = self._read_limited(response, endpoint)
-                status, headers = response.status_code, response.headers
+            with self._pacer.slot():
+                with self._counts.lock:
+                    self._counts.api_calls += 1
+                    if counter.attempts > 0:
+                        self._counts.retries += 1
+                counter.attempts += 1
+                with self._session().get(
+                    url, params=params, timeout=self._timeout, stream=True
+                ) as response:
+                    body = self._read_limited(response, endpoint)
+                    status, headers = response.status_code, response.headers
         except requests.Timeout as exc:
             raise TransientError(f"{endpoint}: timed out after {self._timeout}s") from exc
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:

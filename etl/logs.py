@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
 from etl.redact import redact
+
+_WRITE_LOCK = threading.Lock()
 
 
 def _redact_values(
@@ -36,7 +39,11 @@ class _StderrLogger(structlog.PrintLogger):
 
     def msg(self, message: str) -> None:
         stream = self._fixed or sys.stderr
-        print(message, file=stream, flush=True)
+        # One write per line under a lock: print() writes the text and the newline separately,
+        # and lines from two threads (a run's stop relay, the scheduler) would interleave.
+        with _WRITE_LOCK:
+            stream.write(message + "\n")
+            stream.flush()
 
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 

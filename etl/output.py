@@ -1,13 +1,20 @@
-"""Rendering rows for people and programs: aligned text tables and JSON.
+"""Rendering rows for people and programs: aligned text tables, JSON and CSV.
 
-Pure functions over lists of dicts; no I/O. Datetimes render as ISO 8601 UTC.
+Pure functions over lists of dicts, plus ``write_text_atomic`` (the one I/O helper, for
+``--output FILE``). Datetimes render as ISO 8601 with their offset (UTC unless a report
+converted them).
 """
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import json
+import os
+import uuid
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -59,3 +66,47 @@ def to_table(
     if not rows:
         lines.append("(no rows)")
     return "\n".join(lines)
+
+
+def csv_value(value: Any) -> str:
+    """One CSV field: ISO 8601 times, ``true``/``false``, lists joined with ``"; "``."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "; ".join(str(item) for item in value)
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False)
+    return str(plain(value))
+
+
+def to_csv(rows: Sequence[Mapping[Any, Any]], columns: Sequence[str]) -> str:
+    """RFC 4180 CSV with a header row (``\r\n`` line ends, fields quoted when needed)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([csv_value(row.get(c)) for c in columns])
+    return buffer.getvalue()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` so that readers see the old file or the whole new one.
+
+    A temporary file in the same folder is written, flushed to disk, then renamed over
+    ``path``; on failure it is removed and ``path`` is untouched. New files get the usual
+    permissions (0666 less the umask).
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

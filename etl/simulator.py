@@ -593,7 +593,8 @@ class World:
             "errcode": 0,
             "errmsg": "ok",
             "access_token": token,
-            "expires_in": math.ceil(expires_at - now),
+            # From the TTL itself: (now + ttl) - now is not always ttl in floating point.
+            "expires_in": math.ceil(self.token_ttl_seconds),
         }
 
     def _chat_get(self, token: str, chatid: str) -> dict[str, Any]:

@@ -1,21 +1,39 @@
 """The store: every SQL statement of the sync, and nothing else.
 
-One chat's writes (chats row, members, events, run item) happen in one transaction. The
-common case, a chat whose fingerprint did not change, costs one read of its ``chats`` row and
-one short update; a changed chat reads its member rows once and writes its changes in bulk.
+One chat's writes (chats row, members, events, run item) happen in one transaction, which
+the sync shares between the few chats it has in hand. The common case, a chat whose
+fingerprint did not change, reads no members and costs its share of one read of the batch's
+``chats`` rows and of one update of ``last_synced_at``; a changed chat reads its member rows
+once and writes its changes in bulk, through the driver's executemany.
 SQLAlchemy errors become ``DatabaseError`` here (``raise ... from``), passwords hidden.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import os
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, create_engine, event, func, insert, select
+from sqlalchemy import (
+    Connection,
+    Dialect,
+    Engine,
+    RowMapping,
+    Table,
+    bindparam,
+    case,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy import update as sa_update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
@@ -32,13 +50,13 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def create_db_engine(url: URL | str) -> Engine:
+def create_db_engine(url: URL | str, *, busy_timeout: float = 30.0) -> Engine:
     """An engine with settings suited to a batch writer on each supported database."""
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     backend = make_url(url).get_backend_name()
     if backend == "sqlite":
         # Wait for another writer instead of failing at once ("database is locked").
-        kwargs["connect_args"] = {"timeout": 30}
+        kwargs["connect_args"] = {"timeout": busy_timeout}
     engine = create_engine(url, **kwargs)
     if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -51,6 +69,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA wal_autocheckpoint=16384")
     cursor.close()
 
 
@@ -76,12 +95,238 @@ def attr_text(value: AttrValue) -> str | None:
     return None if value is None else str(value)
 
 
+@dataclass(frozen=True, slots=True)
+class ChatOutcome:
+    """One chat's fetch as the store writes it: its record, or the error the fetch ended in."""
+
+    chatid: str
+    observed_at: dt.datetime
+    attempts: int
+    duration_ms: int
+    record: ChatRecord | None = None
+    errcode: int | None = None
+    error: str | None = None
+
+
+def _describe_chats(chatids: Sequence[str]) -> str:
+    if len(chatids) == 1:
+        return f"chat {chatids[0]!r}"
+    shown = ", ".join(repr(c) for c in chatids[:3])
+    return f"chats {shown}" + (f" and {len(chatids) - 3} more" if len(chatids) > 3 else "")
+
+
+class _Events:
+    """A changed chat's ``chat_events`` rows, ready for ``_BulkInsert.execute``."""
+
+    def __init__(self, bulk: _BulkInsert, run_id: int, chatid: str, now: dt.datetime) -> None:
+        self._head = (run_id, chatid, bulk.bind("observed_at", now))
+        self._flags = {flag: bulk.bind("is_baseline", flag) for flag in (False, True)}
+        self.rows: list[tuple[Any, ...]] = []
+
+    def add(
+        self,
+        event_type: str,
+        *,
+        field: str | None = None,
+        old_value: str | None = None,
+        new_value: str | None = None,
+    ) -> None:
+        later = self._flags[False]
+        self.rows.append((*self._head, event_type, None, field, old_value, new_value, later))
+
+    def add_members(
+        self, event_type: str, userids: Iterable[str], *, baseline: bool = False
+    ) -> None:
+        head, flag = self._head, self._flags[baseline]
+        self.rows.extend((*head, event_type, u, None, None, None, flag) for u in userids)
+
+
+_EVENT_COLUMNS = (
+    "run_id",
+    "chatid",
+    "observed_at",
+    "event_type",
+    "userid",
+    "field",
+    "old_value",
+    "new_value",
+    "is_baseline",
+)
+_MEMBER_COLUMNS = ("chatid", "userid", "joined_at")
+_ITEM_COLUMNS = (
+    "run_id",
+    "chatid",
+    "status",
+    "changed",
+    "attempts",
+    "errcode",
+    "error",
+    "duration_ms",
+)
+
+
+class _BulkInsert:
+    """An ``INSERT`` of many rows through the driver's ``executemany``.
+
+    SQLAlchemy converts every value of every row in Python before the driver sees it; for a
+    chat of 10,000 members (and 10,000 events) that costs more than the database's own work.
+    Here the statement is compiled once, and the values that need converting (the chat's one
+    timestamp, a flag) are converted once per chat by ``bind``, with the column type's own
+    converter: rows then hold only values the driver takes as they are. The statement still
+    runs on the connection, so the transaction, events and errors are SQLAlchemy's.
+    """
+
+    def __init__(
+        self, table: Table, columns: Sequence[str], dialect: Dialect, *, bound: Iterable[str]
+    ) -> None:
+        compiled = insert(table).compile(
+            dialect=dialect, column_keys=list(columns), for_executemany=True
+        )
+        if compiled.positional and list(compiled.positiontup or ()) != list(columns):
+            raise ValueError(f"{table.name}: give the columns in the statement's order")
+        self._sql = compiled.string
+        # Positional drivers (SQLite) take the rows as they are, the others a dict per row.
+        self._names = None if compiled.positional else tuple(columns)
+        self._converters = {
+            name: table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+            for name in columns
+        }
+        unbound = {n for n, c in self._converters.items() if c is not None} - set(bound)
+        if unbound:
+            # A type that starts to need converting must go through bind(), or rows go wrong.
+            raise ValueError(f"{table.name}: columns {sorted(unbound)} need bind()")
+
+    def bind(self, column: str, value: Any) -> Any:
+        """``value`` as the driver must get it for ``column``."""
+        convert = self._converters[column]
+        return value if convert is None else convert(value)
+
+    def execute(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        params: Sequence[Any] = rows
+        if self._names is not None:
+            names = self._names
+            params = [dict(zip(names, row, strict=True)) for row in rows]
+        conn.exec_driver_sql(self._sql, params)
+
+
+def _chat_upsert(dialect: str, names: tuple[str, ...]) -> Any:
+    """INSERT ... ON CONFLICT/DUPLICATE KEY UPDATE of the ``names`` columns of a chat."""
+    updates = [name for name in names if name not in ("chatid", "first_seen_at")]
+    if dialect in {"mysql", "mariadb"}:
+        ins = mysql.insert(chats)
+        return ins.on_duplicate_key_update({n: ins.inserted[n] for n in updates})
+    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    ins_pg = dialect_insert(chats)
+    return ins_pg.on_conflict_do_update(
+        index_elements=[chats.c.chatid], set_={n: ins_pg.excluded[n] for n in updates}
+    )
+
+
+# A batch's shared statements, one per batch size, each built once: SQLAlchemy then finds
+# the compiled form by the statement object, where a statement built per batch would cost
+# more Python than the database spends on it (and the writer shares the interpreter lock
+# with the fetch workers).
+
+
+@functools.cache
+def _touch_statement(size: int) -> Any:
+    """UPDATE of ``last_synced_at`` for ``size`` unchanged chats, each to its own fetch time.
+
+    Parameters ``chatid_<i>`` and ``at_<i>``; see ``_touch_params``.
+    """
+    ids = [bindparam(f"chatid_{i}", type_=chats.c.chatid.type) for i in range(size)]
+    ats = [bindparam(f"at_{i}", type_=chats.c.last_synced_at.type) for i in range(size)]
+    synced_at = case(*((chats.c.chatid == c, t) for c, t in zip(ids, ats, strict=True)))
+    return sa_update(chats).where(chats.c.chatid.in_(ids)).values(last_synced_at=synced_at)
+
+
+def _touch_params(synced: Mapping[str, dt.datetime]) -> tuple[int, dict[str, Any]]:
+    """The statement size for ``synced`` and its parameters.
+
+    Sizes are powers of two, the last chat repeated to fill (a chat named twice gets the
+    same time twice): a handful of statements to compile instead of one per batch size.
+    """
+    pairs = list(synced.items())
+    size = 1 << (len(pairs) - 1).bit_length()
+    pairs += [pairs[-1]] * (size - len(pairs))
+    params: dict[str, Any] = {}
+    for i, (chatid, at) in enumerate(pairs):
+        params[f"chatid_{i}"] = chatid
+        params[f"at_{i}"] = at
+    return size, params
+
+
+# Built once: constructing a statement costs SQLAlchemy more than running a cached one, and
+# these run for every chat of every sync. Parameters named key_* feed WHERE clauses.
+_SELECT_FINGERPRINTS = select(chats.c.chatid, chats.c.fingerprint).where(
+    chats.c.chatid.in_(bindparam("chatids", expanding=True))
+)
+_SELECT_STORED = select(
+    chats.c.chatid,
+    *(chats.c[name] for name in ATTRIBUTE_FIELDS),
+    chats.c.fingerprint,
+    chats.c.member_count,
+    chats.c.first_seen_at,
+    chats.c.last_changed_at,
+    chats.c.dismissed_at,
+).where(chats.c.chatid.in_(bindparam("chatids", expanding=True)))
+_SELECT_MEMBERS = select(chat_members.c.userid, chat_members.c.left_at).where(
+    chat_members.c.chatid == bindparam("chatid")
+)
+_MEMBER_KEY = (chat_members.c.chatid == bindparam("key_chatid")) & (
+    chat_members.c.userid == bindparam("key_userid")
+)
+_REJOIN_MEMBER = (
+    sa_update(chat_members).where(_MEMBER_KEY).values(joined_at=bindparam("key_now"), left_at=None)
+)
+_LEAVE_MEMBER = sa_update(chat_members).where(_MEMBER_KEY).values(left_at=bindparam("key_now"))
+
+
 class Store:
     """SQL for one database. Not thread-safe: the sync writes from a single thread."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._dialect = engine.dialect.name
+        self._upserts: dict[tuple[str, ...], Any] = {}
+        self._insert_members = _BulkInsert(
+            chat_members, _MEMBER_COLUMNS, engine.dialect, bound=["joined_at"]
+        )
+        self._insert_events = _BulkInsert(
+            chat_events, _EVENT_COLUMNS, engine.dialect, bound=["observed_at", "is_baseline"]
+        )
+        self._insert_items = _BulkInsert(
+            sync_run_items, _ITEM_COLUMNS, engine.dialect, bound=["changed"]
+        )
+        self._writer: Connection | None = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Give back the connection the chat writes hold (reads use the pool as they go)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(SQLAlchemyError):
+                writer.close()
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """A transaction on the connection kept for chat writes.
+
+        Taking a pooled connection per batch would cost a ping and a checkout each time;
+        a connection that failed is replaced on the next call.
+        """
+        conn = self._writer
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self._writer = self.engine.connect()
+        with conn.begin():
+            yield conn
 
     # -- run log ---------------------------------------------------------------------------
 
@@ -98,7 +343,8 @@ class Store:
                 .values(
                     status="abandoned",
                     finished_at=now,
-                    error="the process running this sync died before finishing",
+                    # Or it lived but its database was gone when it tried to record the end.
+                    error="the run never recorded its end: its process died, or lost the database",
                 )
             ).rowcount
             result = conn.execute(
@@ -158,6 +404,19 @@ class Store:
             ).mappings()
             return [dict(row) for row in rows]
 
+    def latest_run(
+        self, *, status: str | None = None, finished: bool = False
+    ) -> dict[str, Any] | None:
+        """The newest run, or the newest with ``status``, or (``finished``) not ``running``."""
+        query = select(sync_runs).order_by(sync_runs.c.id.desc()).limit(1)
+        if status is not None:
+            query = query.where(sync_runs.c.status == status)
+        if finished:
+            query = query.where(sync_runs.c.status != "running")
+        with database_errors("reading runs"), self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+            return dict(row) if row is not None else None
+
     def run_items(self, run_id: int) -> list[dict[str, Any]]:
         with database_errors("reading run items"), self.engine.connect() as conn:
             rows = conn.execute(
@@ -167,7 +426,7 @@ class Store:
             ).mappings()
             return [dict(row) for row in rows]
 
-    # -- one chat --------------------------------------------------------------------------
+    # -- chats -----------------------------------------------------------------------------
 
     def apply_chat(
         self,
@@ -179,69 +438,93 @@ class Store:
         duration_ms: int,
     ) -> bool:
         """Write one observed chat atomically; return whether anything changed."""
-        with database_errors(f"writing chat {record.chatid!r}"), self.engine.begin() as conn:
-            changed = self._apply(conn, run_id, record, observed_at)
-            conn.execute(
-                insert(sync_run_items).values(
-                    run_id=run_id,
-                    chatid=record.chatid,
-                    status="ok",
-                    changed=changed,
-                    attempts=attempts,
-                    errcode=None,
-                    error=None,
-                    duration_ms=duration_ms,
-                )
-            )
-            return changed
+        outcome = ChatOutcome(record.chatid, observed_at, attempts, duration_ms, record)
+        return self.write_chats(run_id, [outcome])[0]
 
-    def _apply(self, conn: Connection, run_id: int, record: ChatRecord, now: dt.datetime) -> bool:
+    def write_chats(self, run_id: int, outcomes: Sequence[ChatOutcome]) -> list[bool]:
+        """Write a batch of fetched chats in one transaction; return whether each changed.
+
+        Every chat's writes (chats row, members, events, run item) commit together, and
+        together with the rest of the batch: a transaction costs the database the same for
+        one chat as for ten. The batch's ``chats`` rows are read in one query; unchanged
+        chats (same fingerprint) then share one update of ``last_synced_at`` and read no
+        members; a changed chat reads its member rows once and writes its changes in bulk.
+        """
+        if not outcomes:
+            return []
+        doing = "writing " + _describe_chats([o.chatid for o in outcomes])
+        try:
+            with self._writing() as conn:
+                observed = [o.chatid for o in outcomes if o.record is not None]
+                # Fingerprints first: most chats need nothing else of their stored row.
+                known: dict[str, str] = {}
+                if observed:
+                    known = dict(conn.execute(_SELECT_FINGERPRINTS, {"chatids": observed}).all())
+                changed_ids = [
+                    o.chatid
+                    for o in outcomes
+                    if o.record is not None and known.get(o.chatid) != o.record.fingerprint
+                ]
+                stored: dict[str, RowMapping] = {}
+                if any(chatid in known for chatid in changed_ids):
+                    result = conn.execute(_SELECT_STORED, {"chatids": changed_ids}).mappings()
+                    stored = {row["chatid"]: row for row in result}
+                touch: dict[str, dt.datetime] = {}
+                items: list[tuple[Any, ...]] = []
+                yes, no = (self._insert_items.bind("changed", flag) for flag in (True, False))
+                changes: list[bool] = []
+                for outcome in outcomes:
+                    record, changed = outcome.record, False
+                    if record is None:
+                        pass
+                    elif known.get(record.chatid) == record.fingerprint:
+                        touch[record.chatid] = outcome.observed_at
+                    else:
+                        doing = f"writing chat {record.chatid!r}"
+                        row = stored.get(record.chatid)
+                        changed = self._apply(conn, run_id, record, row, outcome.observed_at)
+                    items.append(
+                        (
+                            run_id,
+                            outcome.chatid,
+                            "ok" if record is not None else "failed",
+                            yes if changed else no,
+                            outcome.attempts,
+                            outcome.errcode,
+                            outcome.error,
+                            outcome.duration_ms,
+                        )
+                    )
+                    changes.append(changed)
+                doing = "writing " + _describe_chats([o.chatid for o in outcomes])
+                # One statement each, whatever the batch's size: every statement is a
+                # round trip, and the writer waits for the interpreter lock after each.
+                if touch:
+                    size, params = _touch_params(touch)
+                    conn.execute(_touch_statement(size), params)
+                self._insert_items.execute(conn, items)
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"database error while {doing}: {describe_db_error(exc)}") from exc
+        return changes
+
+    def _apply(
+        self,
+        conn: Connection,
+        run_id: int,
+        record: ChatRecord,
+        stored: RowMapping | None,
+        now: dt.datetime,
+    ) -> bool:
+        """Write a new or changed chat: members, events and its ``chats`` row."""
         chatid = record.chatid
-        stored = (
-            conn.execute(
-                select(
-                    *(chats.c[name] for name in ATTRIBUTE_FIELDS),
-                    chats.c.fingerprint,
-                    chats.c.member_count,
-                    chats.c.first_seen_at,
-                    chats.c.last_changed_at,
-                    chats.c.dismissed_at,
-                ).where(chats.c.chatid == chatid)
-            )
-            .mappings()
-            .first()
-        )
-        if stored is not None and stored["fingerprint"] == record.fingerprint:
-            conn.execute(
-                sa_update(chats).where(chats.c.chatid == chatid).values(last_synced_at=now)
-            )
-            return False
-
-        def event_row(event_type: str, **kw: Any) -> dict[str, Any]:
-            row = {
-                "run_id": run_id,
-                "chatid": chatid,
-                "observed_at": now,
-                "event_type": event_type,
-                "userid": None,
-                "field": None,
-                "old_value": None,
-                "new_value": None,
-                "is_baseline": False,
-            }
-            row.update(kw)
-            return row
-
-        events: list[dict[str, Any]] = []
+        events = _Events(self._insert_events, run_id, chatid, now)
+        joined_at = self._insert_members.bind("joined_at", now)
         if stored is None:
             members = sorted(record.members or ())
-            events.append(event_row("chat_discovered"))
-            events.extend(event_row("member_joined", userid=u, is_baseline=True) for u in members)
+            events.add("chat_discovered")
+            events.add_members("member_joined", members, baseline=True)
             if members:
-                conn.execute(
-                    insert(chat_members),
-                    [{"chatid": chatid, "userid": u, "joined_at": now} for u in members],
-                )
+                self._insert_members.execute(conn, [(chatid, u, joined_at) for u in members])
             member_count = len(members)
             first_seen_at = now
             dismissed_at = now if record.status == STATUS_DISMISSED else None
@@ -249,20 +532,17 @@ class Store:
             for name in ATTRIBUTE_FIELDS:
                 old, new = stored[name], record.attributes[name]
                 if old != new:
-                    events.append(
-                        event_row(
-                            "attribute_changed",
-                            field=name,
-                            old_value=attr_text(old),
-                            new_value=attr_text(new),
-                        )
+                    events.add(
+                        "attribute_changed",
+                        field=name,
+                        old_value=attr_text(old),
+                        new_value=attr_text(new),
                     )
             member_count = stored["member_count"]
             if record.members is not None:
-                events.extend(
-                    event_row(kind, userid=u)
-                    for kind, u in self._diff_members(conn, chatid, record.members, now)
-                )
+                joined, left = self._diff_members(conn, chatid, record.members, now)
+                events.add_members("member_joined", joined)
+                events.add_members("member_left", left)
                 member_count = len(record.members)
             first_seen_at = stored["first_seen_at"]
             if record.status == STATUS_DISMISSED:
@@ -270,9 +550,9 @@ class Store:
             else:
                 dismissed_at = None
 
-        changed = bool(events)
-        if events:
-            conn.execute(insert(chat_events), events)
+        changed = bool(events.rows)
+        if changed:
+            self._insert_events.execute(conn, events.rows)
         values = {
             "chatid": chatid,
             **record.attributes,
@@ -284,58 +564,38 @@ class Store:
             "raw": dict(record.raw),
             "fingerprint": record.fingerprint,
         }
-        self._upsert_chat(conn, values)
+        names = tuple(values)
+        upsert = self._upserts.get(names)
+        if upsert is None:
+            upsert = self._upserts[names] = _chat_upsert(self._dialect, names)
+        conn.execute(upsert, values)
         return changed
 
     def _diff_members(
         self, conn: Connection, chatid: str, members: frozenset[str], now: dt.datetime
-    ) -> list[tuple[str, str]]:
-        """Apply joins, leaves and re-joins in bulk; return (event_type, userid) pairs."""
-        rows = conn.execute(
-            select(chat_members.c.userid, chat_members.c.left_at).where(
-                chat_members.c.chatid == chatid
-            )
-        ).all()
+    ) -> tuple[list[str], list[str]]:
+        """Apply joins, leaves and re-joins in bulk; return (joined, left), sorted."""
+        rows = conn.execute(_SELECT_MEMBERS, {"chatid": chatid}).all()
         current = {userid for userid, left_at in rows if left_at is None}
         former = {userid for userid, left_at in rows if left_at is not None}
-        joined = members - current
-        left = current - members
-        rejoined = sorted(joined & former)
-        new = sorted(joined - former)
+        joined = sorted(members - current)
+        left = sorted(current - members)
+        rejoined = [u for u in joined if u in former]
+        new = [u for u in joined if u not in former]
         if new:
-            conn.execute(
-                insert(chat_members),
-                [{"chatid": chatid, "userid": u, "joined_at": now} for u in new],
-            )
-        key = (chat_members.c.chatid == chatid) & (chat_members.c.userid == bindparam("uid"))
+            joined_at = self._insert_members.bind("joined_at", now)
+            self._insert_members.execute(conn, [(chatid, u, joined_at) for u in new])
         if rejoined:
             conn.execute(
-                sa_update(chat_members).where(key).values(joined_at=bindparam("now"), left_at=None),
-                [{"uid": u, "now": now} for u in rejoined],
+                _REJOIN_MEMBER,
+                [{"key_chatid": chatid, "key_userid": u, "key_now": now} for u in rejoined],
             )
         if left:
             conn.execute(
-                sa_update(chat_members).where(key).values(left_at=bindparam("now")),
-                [{"uid": u, "now": now} for u in sorted(left)],
+                _LEAVE_MEMBER,
+                [{"key_chatid": chatid, "key_userid": u, "key_now": now} for u in left],
             )
-        return [("member_joined", u) for u in sorted(joined)] + [
-            ("member_left", u) for u in sorted(left)
-        ]
-
-    def _upsert_chat(self, conn: Connection, values: Mapping[str, Any]) -> None:
-        updates = [name for name in values if name not in ("chatid", "first_seen_at")]
-        stmt: Any
-        if self._dialect in {"mysql", "mariadb"}:
-            ins = mysql.insert(chats).values(**values)
-            stmt = ins.on_duplicate_key_update({n: ins.inserted[n] for n in updates})
-        else:
-            dialect_insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
-            ins_pg = dialect_insert(chats).values(**values)
-            stmt = ins_pg.on_conflict_do_update(
-                index_elements=[chats.c.chatid],
-                set_={n: ins_pg.excluded[n] for n in updates},
-            )
-        conn.execute(stmt)
+        return joined, left
 
     # -- reads used by the CLI and tests ----------------------------------------------------
 

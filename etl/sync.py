@@ -2,18 +2,21 @@
 
 Orchestrates the lower layers (client, normalize, store, lock, migrate) and knows none of
 their internals. Fetch workers (``[sync] concurrency``) call the API and normalize; this
-thread writes, so fetching and writing overlap and at most ``2 x concurrency`` fetched chats
-wait in memory whatever the number of chats. A fatal error stops new calls at once.
+thread writes what they fetched in batches (one transaction for the chats it has in hand), so
+fetching and writing overlap and at most ``16 x concurrency`` fetched chats wait in memory
+whatever the number of chats. A fatal error stops new calls at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime as dt
+import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -23,9 +26,9 @@ from etl import migrate
 from etl.config import Config
 from etl.dingtalk import CallCounter, DingTalkClient, Pacer
 from etl.errors import ChatError, EtlError, FatalError, RunInterrupted
-from etl.lock import run_lock
+from etl.lock import HeldLock, run_lock
 from etl.normalize import ChatRecord, normalize_chat
-from etl.store import Store, create_db_engine, database_errors, utcnow
+from etl.store import ChatOutcome, Store, create_db_engine, database_errors, utcnow
 
 log = structlog.get_logger("etl.sync")
 
@@ -35,6 +38,14 @@ EXIT_USAGE: Final = 2
 EXIT_FAILED: Final = 3
 EXIT_LOCKED: Final = 75
 EXIT_CONFIG: Final = 78
+# How often the writer confirms it still holds the sync lock (one cheap query each time).
+LOCK_CHECK_SECONDS: Final = 1.0
+# How long the writer waits for more fetched chats to share one transaction with.
+WRITE_LINGER_SECONDS: Final = 0.05
+# Chats in flight or fetched and waiting, per worker: enough that the workers keep fetching
+# while the writer writes a batch of half as many. Big batches matter: every statement makes
+# the writer give up the interpreter lock and wait for it behind busy fetch workers.
+WINDOW_PER_WORKER: Final = 16
 
 
 @dataclass(frozen=True)
@@ -105,15 +116,19 @@ def run_sync(
     run row exists; once the run has started, problems are recorded on it and returned.
     """
     wanted = tuple(dict.fromkeys(chatids)) if chatids else config.chatids
-    engine = create_db_engine(config.database_url)
+    engine = create_db_engine(config.database_url, busy_timeout=config.busy_timeout_seconds)
     try:
         with database_errors("connecting to the database"):
             if migrate_schema:
                 migrate.upgrade(engine)
             else:
                 migrate.check_schema(engine)
-        with database_errors("taking the sync lock"), run_lock(engine):
-            return _Run(config, Store(engine), wanted, trigger, stop).execute()
+        with (
+            database_errors("taking the sync lock"),
+            run_lock(engine) as lock,
+            Store(engine) as store,
+        ):
+            return _Run(config, store, wanted, trigger, stop, lock).execute()
     finally:
         engine.dispose()
 
@@ -126,13 +141,18 @@ class _Run:
         chatids: tuple[str, ...],
         trigger: str,
         stop: threading.Event | None,
+        lock: HeldLock | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        self.lock = lock or HeldLock()
+        self.lock_checked = time.monotonic()
         self.chatids = chatids
         self.external_stop = stop or threading.Event()
         # Set by us on a fatal error, or relayed from the caller's stop (signal).
         self.halt = threading.Event()
+        # The reason, once the [sync] run_budget_seconds has run out.
+        self.out_of_time: str | None = None
         self.result = RunResult(
             run_id=None, status="running", trigger=trigger, chats_total=len(chatids)
         )
@@ -165,6 +185,11 @@ class _Run:
                 concurrency=self.config.sync.concurrency,
             )
             fatal = self._fetch_and_write()
+            if fatal is None:
+                try:
+                    self.lock.verify()  # the last writes may be younger than the last check
+                except FatalError as exc:
+                    fatal = exc
             self._finish(fatal, started)
             return self.result
         finally:
@@ -182,18 +207,24 @@ class _Run:
         todo = iter(self.chatids)
         with ThreadPoolExecutor(concurrency, thread_name_prefix="fetch") as pool:
             try:
-                for done in self._completed(pool, todo, pending, concurrency * 2):
-                    try:
-                        fetched = done.result()
-                    except FatalError as exc:
-                        # Workers stopped by the halt report RunInterrupted; keep the cause.
-                        if fatal is None or isinstance(fatal, RunInterrupted):
-                            fatal = exc
-                        self.halt.set()
-                        continue
-                    if fatal is not None and fetched.record is None:
-                        continue
-                    self._write(fetched)
+                window = concurrency * WINDOW_PER_WORKER
+                batch_size = window // 2
+                for batch in self._completed(pool, todo, pending, window, batch_size):
+                    ready: list[_Fetched] = []
+                    for done in batch:
+                        try:
+                            fetched = done.result()
+                        except FatalError as exc:
+                            # Workers stopped by the halt report RunInterrupted; keep the cause.
+                            if fatal is None or isinstance(fatal, RunInterrupted):
+                                fatal = exc
+                            self.halt.set()
+                            continue
+                        if fatal is not None and fetched.record is None:
+                            continue
+                        ready.append(fetched)
+                    if ready:
+                        self._write(ready)
             except FatalError as exc:  # a database failure while writing
                 fatal = exc
                 self.halt.set()
@@ -205,6 +236,11 @@ class _Run:
         if self.external_stop.is_set() and (fatal is None or isinstance(fatal, RunInterrupted)):
             # Workers report where they noticed the stop; the run's reason is the stop itself.
             fatal = RunInterrupted("interrupted")
+        elif self.out_of_time is not None and (fatal is None or isinstance(fatal, RunInterrupted)):
+            finished = self.result.chats_succeeded + self.result.chats_failed
+            # The budget may run out while the last chat is written: that is no reason.
+            if finished < len(self.chatids):
+                fatal = RunInterrupted(self.out_of_time)
         return fatal
 
     def _completed(
@@ -213,23 +249,50 @@ class _Run:
         todo: Iterator[str],
         pending: set[Future[_Fetched]],
         window: int,
-    ) -> Iterator[Future[_Fetched]]:
-        """Keep ``window`` fetches in flight; yield each as it completes."""
+        batch_size: int,
+    ) -> Iterator[list[Future[_Fetched]]]:
+        """Keep fetches in flight; yield the completed ones in batches for the writer.
+
+        A batch is what completes within ``WRITE_LINGER_SECONDS`` of its first fetch, at most
+        ``batch_size``: the writer commits a batch in one transaction, which costs about what
+        one chat's did. Fetches in flight plus fetched chats waiting stay within ``window``.
+        """
+        # Completed fetches arrive through a queue: wait() would scan every pending future
+        # for each completion.
+        completed: queue.SimpleQueue[Future[_Fetched]] = queue.SimpleQueue()
+        batch: list[Future[_Fetched]] = []
+        deadline = 0.0
         while True:
-            while len(pending) < window and not self.halt.is_set():
+            while len(pending) + len(batch) < window and not self.halt.is_set():
                 chatid = next(todo, None)
                 if chatid is None:
                     break
                 # Each task gets its own copy: one Context cannot run in two threads at once.
                 ctx = contextvars.copy_context()
-                pending.add(pool.submit(ctx.run, self._fetch, chatid))
+                future = pool.submit(ctx.run, self._fetch, chatid)
+                pending.add(future)
+                future.add_done_callback(completed.put)
             if not pending:
+                if batch:
+                    yield batch
                 return
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            timeout = max(0.0, deadline - time.monotonic()) if batch else None
+            done: list[Future[_Fetched]] = []
+            with contextlib.suppress(queue.Empty):
+                done.append(completed.get(timeout=timeout))
+                while True:
+                    done.append(completed.get_nowait())
             for future in done:
                 pending.discard(future)
                 if not future.cancelled():
-                    yield future
+                    if not batch:
+                        deadline = time.monotonic() + WRITE_LINGER_SECONDS
+                    batch.append(future)
+            if batch and (
+                len(batch) >= batch_size or time.monotonic() >= deadline or self.halt.is_set()
+            ):
+                yield batch
+                batch = []
 
     def _fetch(self, chatid: str) -> _Fetched:
         counter = CallCounter()
@@ -255,30 +318,36 @@ class _Run:
             error=error,
         )
 
-    def _write(self, fetched: _Fetched) -> None:
+    def _write(self, ready: list[_Fetched]) -> None:
         run_id = self.result.run_id
         assert run_id is not None
-        if fetched.record is not None:
-            changed = self.store.apply_chat(
-                run_id,
+        if time.monotonic() - self.lock_checked >= LOCK_CHECK_SECONDS:
+            # A server-side lock ends with its session, which can die while we go on.
+            self.lock.verify()
+            self.lock_checked = time.monotonic()
+        outcomes = [
+            ChatOutcome(
+                fetched.chatid,
+                fetched.observed_at,
+                fetched.attempts,
+                fetched.duration_ms,
                 fetched.record,
-                observed_at=fetched.observed_at,
-                attempts=fetched.attempts,
-                duration_ms=fetched.duration_ms,
+                fetched.error.errcode if fetched.error is not None else None,
+                fetched.error.message if fetched.error is not None else None,
             )
-            self.result.chats_succeeded += 1
-            self.result.chats_changed += int(changed)
-            return
+            for fetched in ready
+        ]
+        changes = self.store.write_chats(run_id, outcomes)
+        for fetched, changed in zip(ready, changes, strict=True):
+            if fetched.record is not None:
+                self.result.chats_succeeded += 1
+                self.result.chats_changed += int(changed)
+            else:
+                self._failed(fetched)
+
+    def _failed(self, fetched: _Fetched) -> None:
         assert fetched.error is not None
         error = fetched.error
-        self.store.record_failure(
-            run_id,
-            fetched.chatid,
-            attempts=fetched.attempts,
-            errcode=error.errcode,
-            error=error.message,
-            duration_ms=fetched.duration_ms,
-        )
         self.result.chats_failed += 1
         self.result.failures.append(ChatFailure(fetched.chatid, error.errcode, error.message))
         log.warning(
@@ -291,9 +360,17 @@ class _Run:
         )
 
     def _relay_stop(self) -> None:
+        budget = self.config.sync.run_budget_seconds
+        deadline = None if budget is None else time.monotonic() + budget
         while not self.halt.is_set():
             if self.external_stop.wait(0.1):
                 log.warning("run.stopping", reason="interrupted")
+                self.halt.set()
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                # Same path as a signal: no new chat starts, the ones in hand are written.
+                self.out_of_time = f"time budget of {budget:g} s exceeded"
+                log.warning("run.stopping", reason=self.out_of_time)
                 self.halt.set()
                 return
 

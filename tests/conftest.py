@@ -60,13 +60,14 @@ def _require(name: str, url: str) -> None:
         pytest.skip(reason)
 
 
-def fresh_database(kind: str, tmp_path: Path) -> URL:
-    """An empty database of ``kind``; the caller migrates it."""
+def fresh_database(kind: str, tmp_path: Path, suffix: str = "") -> URL:
+    """An empty database of ``kind``; the caller migrates it. ``suffix`` names a separate
+    server database, for fixtures that keep theirs while other tests recreate the default."""
     if kind == "sqlite":
         return make_url(f"sqlite:///{tmp_path / 'etl.db'}")
     if kind == "postgresql":
         _require(kind, PG_ADMIN_URL)
-        name = f"etl_test_{_SESSION_TAG}"
+        name = f"etl_test_{_SESSION_TAG}{suffix}"
         admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
         try:
             with admin.connect() as conn:
@@ -85,7 +86,7 @@ def fresh_database(kind: str, tmp_path: Path) -> URL:
         return make_url(PG_ADMIN_URL).set(database=name)
     if kind == "mariadb":
         _require(kind, MYSQL_ADMIN_URL)
-        name = f"etl_test_{_SESSION_TAG}"
+        name = f"etl_test_{_SESSION_TAG}{suffix}"
         admin = create_engine(MYSQL_ADMIN_URL, isolation_level="AUTOCOMMIT")
         try:
             with admin.connect() as conn:

@@ -79,6 +79,8 @@ def write_config(
     lines += ["[logging]", 'level = "ERROR"']
     path = folder / name
     path.write_text("\n".join(lines) + "\n" + extra, encoding="utf-8")
+    # It may hold app_secret: owner-only, or the loader warns on stderr.
+    path.chmod(0o600)
     return path
 
 
@@ -526,6 +528,7 @@ def test_sync_bad_credentials_exits_3_and_records_the_failed_run(
         rf"{DURATION}; error: {re.escape(reason)}\n",
         result.stdout,
     ), result.stdout
+    assert result.stderr.endswith(f"dingtalk-etl: error: run failed: {reason}\n")
     assert app_secret not in result.output
     [run] = table_rows(sqlite_url, sync_runs)
     assert (run["status"], run["error"], run["api_calls"]) == ("failed", reason, 1)

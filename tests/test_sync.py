@@ -378,3 +378,20 @@ def test_secrets_never_reach_logs_or_tables(
     assert APP_SECRET not in dumped
     # The simulator issues 32-hex-digit tokens: none of them, current or expired, is printed.
     assert re.search(r"\b[0-9a-f]{32}\b", dumped) is None
+
+
+def test_refused_credentials_are_asked_once_however_many_workers(
+    sqlite_url: URL, make_config: MakeConfig
+) -> None:
+    world = World("test-key", "not-the-configured-secret")
+    chatids = [f"chat-{n}" for n in range(16)]
+    for chatid in chatids:
+        world.add_chat(SimChat(chatid, chatid, "u1", ["u1"]))
+    world.latency_ms = 50  # every worker is queued on the token while the first asks
+    with Simulator(world) as sim:
+        result = run_sync(make_config(sqlite_url, sim.base_url, chatids, sync={"concurrency": 8}))
+
+    assert result.exit_code == 3
+    assert result.api_calls == 1
+    assert world.stats.gettoken_calls == 1
+    assert world.stats.requests_by_path["/chat/get"] == 0
