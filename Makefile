@@ -29,9 +29,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Two workers (the machine has two cores; most tests wait on HTTP, databases and children),
+# one test file per worker so module-scoped scenario databases are built once.
+PYTEST_N ?= 2
 pytest: $(STAMP)
-	$(BIN)/pytest
-	$(BIN)/pytest -m slow
+	$(BIN)/pytest -n $(PYTEST_N) --dist loadfile
+	$(BIN)/pytest -m slow -n $(PYTEST_N) --dist loadfile
 
 test: deps-system lint typecheck pytest
 

@@ -331,8 +331,8 @@ def spawn_step(name: str, spec: dict[str, Any]) -> Measured:
     """Run one step in a child process; its peak RSS comes from ``wait4``'s rusage."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--step", name, json.dumps(spec)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
     try:
-        assert proc.stdout is not None
         out = proc.stdout.read()
         _, status, rusage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -340,6 +340,8 @@ def spawn_step(name: str, spec: dict[str, Any]) -> Measured:
         proc.kill()
         proc.wait()
         raise
+    finally:
+        proc.stdout.close()
     if proc.returncode != 0:
         raise BenchError(f"step {name} failed (exit {proc.returncode})")
     lines = out.strip().splitlines()
@@ -400,7 +402,9 @@ def simulator(
         sim = SimulatorProcess(match.group(1), proc, int(match.group(3)))
         yield sim
         proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        # Through the same reader as the first line: it may already hold the next ones.
+        rest = proc.stdout.read()
         served = _SERVED.search(rest)
         if served is not None:
             sim.served, sim.throttled = int(served.group(1)), int(served.group(2))
@@ -408,6 +412,8 @@ def simulator(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def _die_with_parent() -> None:

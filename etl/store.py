@@ -18,7 +18,7 @@ import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -33,6 +33,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
 )
 from sqlalchemy import update as sa_update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
@@ -42,6 +43,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from etl.errors import DatabaseError
 from etl.normalize import ATTRIBUTE_FIELDS, STATUS_DISMISSED, AttrValue, ChatRecord
 from etl.schema import chat_events, chat_members, chats, sync_run_items, sync_runs
+
+_T = TypeVar("_T")
 
 RUN_STATUSES = ("running", "succeeded", "partial", "failed", "abandoned")
 
@@ -242,20 +245,44 @@ def _touch_statement(size: int) -> Any:
     return sa_update(chats).where(chats.c.chatid.in_(ids)).values(last_synced_at=synced_at)
 
 
-def _touch_params(synced: Mapping[str, dt.datetime]) -> tuple[int, dict[str, Any]]:
-    """The statement size for ``synced`` and its parameters.
+def _padded(items: list[_T]) -> list[_T]:
+    """``items`` to the next power of two in length, the last one repeated.
 
-    Sizes are powers of two, the last chat repeated to fill (a chat named twice gets the
-    same time twice): a handful of statements to compile instead of one per batch size.
+    For statements whose text grows with a batch (``IN (...)``, ``CASE``): a handful of
+    texts to compile, and for the server to prepare, instead of one per batch size. A chat
+    named twice changes nothing.
     """
-    pairs = list(synced.items())
-    size = 1 << (len(pairs) - 1).bit_length()
-    pairs += [pairs[-1]] * (size - len(pairs))
+    size = 1 << (len(items) - 1).bit_length()
+    return items + [items[-1]] * (size - len(items))
+
+
+def _touch_params(synced: Mapping[str, dt.datetime]) -> tuple[int, dict[str, Any]]:
+    """The statement size for ``synced`` and its parameters (see ``_padded``)."""
+    pairs = _padded(list(synced.items()))
+    size = len(pairs)
     params: dict[str, Any] = {}
     for i, (chatid, at) in enumerate(pairs):
         params[f"chatid_{i}"] = chatid
         params[f"at_{i}"] = at
     return size, params
+
+
+# PostgreSQL takes a batch as arrays: one short statement whatever the batch's size, which
+# the server prepares once (long statements also cost psycopg a parse each time).
+_PG_TOUCH = text(
+    "UPDATE chats SET last_synced_at = synced.at"
+    " FROM unnest(:chatids, :ats) AS synced(chatid, at)"
+    " WHERE chats.chatid = synced.chatid"
+).bindparams(
+    bindparam("chatids", type_=postgresql.ARRAY(chats.c.chatid.type)),
+    bindparam("ats", type_=postgresql.ARRAY(chats.c.last_synced_at.type)),
+)
+_PG_RUN_ITEMS = text(
+    f"INSERT INTO sync_run_items ({', '.join(_ITEM_COLUMNS)})"
+    f" SELECT * FROM unnest({', '.join(':' + name for name in _ITEM_COLUMNS)})"
+).bindparams(
+    *(bindparam(n, type_=postgresql.ARRAY(sync_run_items.c[n].type)) for n in _ITEM_COLUMNS)
+)
 
 
 # Built once: constructing a statement costs SQLAlchemy more than running a cached one, and
@@ -459,7 +486,8 @@ class Store:
                 # Fingerprints first: most chats need nothing else of their stored row.
                 known: dict[str, str] = {}
                 if observed:
-                    known = dict(conn.execute(_SELECT_FINGERPRINTS, {"chatids": observed}).all())
+                    found = conn.execute(_SELECT_FINGERPRINTS, {"chatids": _padded(observed)})
+                    known = dict(found.all())
                 changed_ids = [
                     o.chatid
                     for o in outcomes
@@ -499,10 +527,19 @@ class Store:
                 doing = "writing " + _describe_chats([o.chatid for o in outcomes])
                 # One statement each, whatever the batch's size: every statement is a
                 # round trip, and the writer waits for the interpreter lock after each.
-                if touch:
-                    size, params = _touch_params(touch)
-                    conn.execute(_touch_statement(size), params)
-                self._insert_items.execute(conn, items)
+                if self._dialect == "postgresql":
+                    if touch:
+                        synced = {"chatids": list(touch), "ats": list(touch.values())}
+                        conn.execute(_PG_TOUCH, synced)
+                    columns = zip(*items, strict=True)
+                    conn.execute(
+                        _PG_RUN_ITEMS, dict(zip(_ITEM_COLUMNS, map(list, columns), strict=True))
+                    )
+                else:
+                    if touch:
+                        size, params = _touch_params(touch)
+                        conn.execute(_touch_statement(size), params)
+                    self._insert_items.execute(conn, items)
         except SQLAlchemyError as exc:
             raise DatabaseError(f"database error while {doing}: {describe_db_error(exc)}") from exc
         return changes
