@@ -1,11 +1,13 @@
 """The store: every SQL statement of the sync, and nothing else.
 
 One chat's writes (chats row, members, events, run item) happen in one transaction, which
-the sync shares between the few chats it has in hand. The common case, a chat whose
-fingerprint did not change, reads no members and costs its share of one read of the batch's
-``chats`` rows and of one update of ``last_synced_at``; a changed chat reads its member rows
-once and writes its changes in bulk, through the driver's executemany.
-SQLAlchemy errors become ``DatabaseError`` here (``raise ... from``), passwords hidden.
+the sync shares between the chats it has in hand (a batch). A batch costs a handful of
+statements whatever its size: a read of the fingerprints, the changed chats' rows and
+members, then one bulk statement per kind of write. The common case, a chat whose
+fingerprint did not change, reads no members and costs its share of one update of
+``last_synced_at``. Bulk inserts are ``COPY`` on PostgreSQL, the driver's executemany
+elsewhere. SQLAlchemy and driver errors become ``DatabaseError`` here (``raise ... from``),
+passwords hidden.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
+import json
 import os
 import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -26,6 +29,7 @@ from sqlalchemy import (
     Engine,
     RowMapping,
     Table,
+    Text,
     bindparam,
     case,
     create_engine,
@@ -38,7 +42,7 @@ from sqlalchemy import (
 from sqlalchemy import update as sa_update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from etl.errors import DatabaseError
 from etl.normalize import ATTRIBUTE_FIELDS, STATUS_DISMISSED, AttrValue, ChatRecord
@@ -156,6 +160,17 @@ _EVENT_COLUMNS = (
     "is_baseline",
 )
 _MEMBER_COLUMNS = ("chatid", "userid", "joined_at")
+_CHAT_COLUMNS = (
+    "chatid",
+    *ATTRIBUTE_FIELDS,
+    "member_count",
+    "first_seen_at",
+    "last_synced_at",
+    "last_changed_at",
+    "dismissed_at",
+    "raw",
+    "fingerprint",
+)
 _ITEM_COLUMNS = (
     "run_id",
     "chatid",
@@ -168,15 +183,35 @@ _ITEM_COLUMNS = (
 )
 
 
+@dataclass
+class _Writes:
+    """What a batch writes, gathered chat by chat and sent kind by kind (``Store._flush``)."""
+
+    chats: list[dict[str, Any]] = field(default_factory=list)
+    members: list[tuple[Any, ...]] = field(default_factory=list)
+    # (chatid, userid, time of the change)
+    rejoins: list[tuple[str, str, dt.datetime]] = field(default_factory=list)
+    leaves: list[tuple[str, str, dt.datetime]] = field(default_factory=list)
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+    touch: dict[str, dt.datetime] = field(default_factory=dict)
+    items: list[tuple[Any, ...]] = field(default_factory=list)
+
+
 class _BulkInsert:
-    """An ``INSERT`` of many rows through the driver's ``executemany``.
+    """An ``INSERT`` of many rows in one statement, whatever their number.
 
     SQLAlchemy converts every value of every row in Python before the driver sees it; for a
-    chat of 10,000 members (and 10,000 events) that costs more than the database's own work.
-    Here the statement is compiled once, and the values that need converting (the chat's one
-    timestamp, a flag) are converted once per chat by ``bind``, with the column type's own
-    converter: rows then hold only values the driver takes as they are. The statement still
-    runs on the connection, so the transaction, events and errors are SQLAlchemy's.
+    batch of new chats (tens of thousands of members, as many events) that costs more than
+    the database's own work. Here the statement is compiled once, and the values that need
+    converting (a timestamp, a flag) are converted once per chat by ``bind``, with the
+    column type's own converter: rows then hold only values the driver takes as they are.
+    The statement still runs on the connection, so the transaction, events and errors are
+    SQLAlchemy's.
+
+    PostgreSQL gets the rows by ``COPY ... FROM STDIN``, its bulk load: psycopg's
+    executemany would wait for each row's answer in turn, and arrays of parameters are
+    dumped in Python element by element. The others get the driver's executemany, which
+    PyMySQL folds into multi-row statements.
     """
 
     def __init__(
@@ -198,6 +233,12 @@ class _BulkInsert:
         if unbound:
             # A type that starts to need converting must go through bind(), or rows go wrong.
             raise ValueError(f"{table.name}: columns {sorted(unbound)} need bind()")
+        self._copy: str | None = None
+        if dialect.name == "postgresql":
+            quote = dialect.identifier_preparer.quote
+            names = ", ".join(quote(name) for name in columns)
+            target = dialect.identifier_preparer.format_table(table)
+            self._copy = f"COPY {target} ({names}) FROM STDIN"
 
     def bind(self, column: str, value: Any) -> Any:
         """``value`` as the driver must get it for ``column``."""
@@ -207,11 +248,42 @@ class _BulkInsert:
     def execute(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         if not rows:
             return
+        if self._copy is not None:
+            self._copy_rows(conn, rows)
+            return
         params: Sequence[Any] = rows
         if self._names is not None:
             names = self._names
             params = [dict(zip(names, row, strict=True)) for row in rows]
         conn.exec_driver_sql(self._sql, params)
+
+    def _copy_rows(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+        """PostgreSQL's ``COPY ... FROM STDIN`` on the connection's own transaction.
+
+        COPY goes past SQLAlchemy to the driver, so its errors are turned into SQLAlchemy's
+        here, and a connection the server dropped is marked invalid, as SQLAlchemy would.
+        """
+        assert self._copy is not None
+        dbapi_conn = conn.connection
+        dbapi_error = conn.dialect.loaded_dbapi.Error
+        cursor = dbapi_conn.cursor()
+        # What listens to SQLAlchemy's statements (tracing, the tests' statement counts)
+        # hears of this one too.
+        conn.dispatch.before_cursor_execute(conn, cursor, self._copy, (), None, True)
+        try:
+            with cursor.copy(self._copy) as copy:
+                for row in rows:
+                    copy.write_row(row)
+        except dbapi_error as exc:
+            dropped = conn.dialect.is_disconnect(exc, dbapi_conn, cursor)
+            if dropped:
+                conn.invalidate(exc)
+            raise DBAPIError.instance(
+                self._copy, None, exc, dbapi_error, connection_invalidated=dropped
+            ) from exc
+        finally:
+            with contextlib.suppress(conn.dialect.loaded_dbapi.Error):
+                cursor.close()
 
 
 def _chat_upsert(dialect: str, names: tuple[str, ...]) -> Any:
@@ -267,23 +339,55 @@ def _touch_params(synced: Mapping[str, dt.datetime]) -> tuple[int, dict[str, Any
     return size, params
 
 
-# PostgreSQL takes a batch as arrays: one short statement whatever the batch's size, which
-# the server prepares once (long statements also cost psycopg a parse each time).
-_PG_TOUCH = text(
-    "UPDATE chats SET last_synced_at = synced.at"
-    " FROM unnest(:chatids, :ats) AS synced(chatid, at)"
-    " WHERE chats.chatid = synced.chatid"
-).bindparams(
-    bindparam("chatids", type_=postgresql.ARRAY(chats.c.chatid.type)),
-    bindparam("ats", type_=postgresql.ARRAY(chats.c.last_synced_at.type)),
-)
-_PG_RUN_ITEMS = text(
-    f"INSERT INTO sync_run_items ({', '.join(_ITEM_COLUMNS)})"
-    f" SELECT * FROM unnest({', '.join(':' + name for name in _ITEM_COLUMNS)})"
-).bindparams(
-    *(bindparam(n, type_=postgresql.ARRAY(sync_run_items.c[n].type)) for n in _ITEM_COLUMNS)
-)
+def _pg_statement(sql: str, table: Table, names: Sequence[str], as_text: Sequence[str] = ()) -> Any:
+    """PostgreSQL: ``sql`` reading a batch from ``{given}``, one array parameter per column.
 
+    ``{given}`` becomes ``unnest(:name, ...) AS given(name, ...)`` for ``names``, columns of
+    ``table`` whose types convert the arrays' items; ``as_text`` columns travel as text.
+    One short statement whatever the batch's size, which the server prepares once.
+    """
+    arrays = ", ".join(f":{name}" for name in names)
+    given = f"unnest({arrays}) AS given({', '.join(names)})"
+    return text(sql.format(given=given)).bindparams(
+        *(
+            bindparam(
+                name, type_=postgresql.ARRAY(Text() if name in as_text else table.c[name].type)
+            )
+            for name in names
+        )
+    )
+
+
+_PG_TOUCH = _pg_statement(
+    "UPDATE chats SET last_synced_at = given.last_synced_at FROM {given}"
+    " WHERE chats.chatid = given.chatid",
+    chats,
+    ("chatid", "last_synced_at"),
+)
+# The chats' raw JSON as text: psycopg has no array form of its JSON wrapper.
+_PG_UPSERT_CHATS = _pg_statement(
+    f"INSERT INTO chats ({', '.join(_CHAT_COLUMNS)})"
+    f" SELECT {', '.join('raw::json' if n == 'raw' else n for n in _CHAT_COLUMNS)} FROM {{given}}"
+    " ON CONFLICT (chatid) DO UPDATE SET "
+    + ", ".join(
+        f"{n} = excluded.{n}" for n in _CHAT_COLUMNS if n not in ("chatid", "first_seen_at")
+    ),
+    chats,
+    _CHAT_COLUMNS,
+    as_text=["raw"],
+)
+_PG_REJOIN_MEMBERS = _pg_statement(
+    "UPDATE chat_members SET joined_at = given.joined_at, left_at = NULL FROM {given}"
+    " WHERE chat_members.chatid = given.chatid AND chat_members.userid = given.userid",
+    chat_members,
+    ("chatid", "userid", "joined_at"),
+)
+_PG_LEAVE_MEMBERS = _pg_statement(
+    "UPDATE chat_members SET left_at = given.left_at FROM {given}"
+    " WHERE chat_members.chatid = given.chatid AND chat_members.userid = given.userid",
+    chat_members,
+    ("chatid", "userid", "left_at"),
+)
 
 # Built once: constructing a statement costs SQLAlchemy more than running a cached one, and
 # these run for every chat of every sync. Parameters named key_* feed WHERE clauses.
@@ -299,9 +403,9 @@ _SELECT_STORED = select(
     chats.c.last_changed_at,
     chats.c.dismissed_at,
 ).where(chats.c.chatid.in_(bindparam("chatids", expanding=True)))
-_SELECT_MEMBERS = select(chat_members.c.userid, chat_members.c.left_at).where(
-    chat_members.c.chatid == bindparam("chatid")
-)
+_SELECT_MEMBERS = select(
+    chat_members.c.chatid, chat_members.c.userid, chat_members.c.left_at
+).where(chat_members.c.chatid.in_(bindparam("chatids", expanding=True)))
 _MEMBER_KEY = (chat_members.c.chatid == bindparam("key_chatid")) & (
     chat_members.c.userid == bindparam("key_userid")
 )
@@ -317,16 +421,15 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._dialect = engine.dialect.name
-        self._upserts: dict[tuple[str, ...], Any] = {}
+        dialect = engine.dialect
+        self._upsert_chats = _chat_upsert(self._dialect, _CHAT_COLUMNS)
         self._insert_members = _BulkInsert(
-            chat_members, _MEMBER_COLUMNS, engine.dialect, bound=["joined_at"]
+            chat_members, _MEMBER_COLUMNS, dialect, bound=["joined_at"]
         )
         self._insert_events = _BulkInsert(
-            chat_events, _EVENT_COLUMNS, engine.dialect, bound=["observed_at", "is_baseline"]
+            chat_events, _EVENT_COLUMNS, dialect, bound=["observed_at", "is_baseline"]
         )
-        self._insert_items = _BulkInsert(
-            sync_run_items, _ITEM_COLUMNS, engine.dialect, bound=["changed"]
-        )
+        self._insert_items = _BulkInsert(sync_run_items, _ITEM_COLUMNS, dialect, bound=["changed"])
         self._writer: Connection | None = None
 
     def __enter__(self) -> Store:
@@ -473,9 +576,10 @@ class Store:
 
         Every chat's writes (chats row, members, events, run item) commit together, and
         together with the rest of the batch: a transaction costs the database the same for
-        one chat as for ten. The batch's ``chats`` rows are read in one query; unchanged
-        chats (same fingerprint) then share one update of ``last_synced_at`` and read no
-        members; a changed chat reads its member rows once and writes its changes in bulk.
+        one chat as for ten. The statements are the batch's, not each chat's: one read of
+        the fingerprints; for the changed chats alone one read of their ``chats`` rows and
+        one of their members; then one statement for each kind of write. Unchanged chats
+        (same fingerprint) share one update of ``last_synced_at`` and read no members.
         """
         if not outcomes:
             return []
@@ -484,85 +588,125 @@ class Store:
             with self._writing() as conn:
                 observed = [o.chatid for o in outcomes if o.record is not None]
                 # Fingerprints first: most chats need nothing else of their stored row.
-                known: dict[str, str] = {}
-                if observed:
-                    found = conn.execute(_SELECT_FINGERPRINTS, {"chatids": _padded(observed)})
-                    known = dict(found.all())
-                changed_ids = [
-                    o.chatid
+                known = self._fingerprints(conn, observed) if observed else {}
+                changed = [
+                    o.record
                     for o in outcomes
                     if o.record is not None and known.get(o.chatid) != o.record.fingerprint
                 ]
                 stored: dict[str, RowMapping] = {}
-                if any(chatid in known for chatid in changed_ids):
-                    result = conn.execute(_SELECT_STORED, {"chatids": changed_ids}).mappings()
-                    stored = {row["chatid"]: row for row in result}
-                touch: dict[str, dt.datetime] = {}
-                items: list[tuple[Any, ...]] = []
+                members: dict[str, list[tuple[str, dt.datetime | None]]] = {}
+                known_changed = [r for r in changed if r.chatid in known]
+                if known_changed:
+                    chatids = [r.chatid for r in known_changed]
+                    result = conn.execute(_SELECT_STORED, {"chatids": chatids})
+                    stored = {row["chatid"]: row for row in result.mappings()}
+                    listed = [r.chatid for r in known_changed if r.members is not None]
+                    if listed:
+                        for chatid, userid, left_at in conn.execute(
+                            _SELECT_MEMBERS, {"chatids": listed}
+                        ):
+                            members.setdefault(chatid, []).append((userid, left_at))
+                writes = _Writes()
                 yes, no = (self._insert_items.bind("changed", flag) for flag in (True, False))
                 changes: list[bool] = []
                 for outcome in outcomes:
-                    record, changed = outcome.record, False
+                    record, is_changed = outcome.record, False
                     if record is None:
                         pass
                     elif known.get(record.chatid) == record.fingerprint:
-                        touch[record.chatid] = outcome.observed_at
+                        writes.touch[record.chatid] = outcome.observed_at
                     else:
-                        doing = f"writing chat {record.chatid!r}"
-                        row = stored.get(record.chatid)
-                        changed = self._apply(conn, run_id, record, row, outcome.observed_at)
-                    items.append(
+                        is_changed = self._plan(
+                            writes,
+                            run_id,
+                            record,
+                            stored.get(record.chatid),
+                            members.get(record.chatid, []),
+                            outcome.observed_at,
+                        )
+                    writes.items.append(
                         (
                             run_id,
                             outcome.chatid,
                             "ok" if record is not None else "failed",
-                            yes if changed else no,
+                            yes if is_changed else no,
                             outcome.attempts,
                             outcome.errcode,
                             outcome.error,
                             outcome.duration_ms,
                         )
                     )
-                    changes.append(changed)
-                doing = "writing " + _describe_chats([o.chatid for o in outcomes])
-                # One statement each, whatever the batch's size: every statement is a
-                # round trip, and the writer waits for the interpreter lock after each.
-                if self._dialect == "postgresql":
-                    if touch:
-                        synced = {"chatids": list(touch), "ats": list(touch.values())}
-                        conn.execute(_PG_TOUCH, synced)
-                    columns = zip(*items, strict=True)
-                    conn.execute(
-                        _PG_RUN_ITEMS, dict(zip(_ITEM_COLUMNS, map(list, columns), strict=True))
-                    )
-                else:
-                    if touch:
-                        size, params = _touch_params(touch)
-                        conn.execute(_touch_statement(size), params)
-                    self._insert_items.execute(conn, items)
+                    changes.append(is_changed)
+                self._flush(conn, writes)
         except SQLAlchemyError as exc:
             raise DatabaseError(f"database error while {doing}: {describe_db_error(exc)}") from exc
         return changes
 
-    def _apply(
+    def _flush(self, conn: Connection, writes: _Writes) -> None:
+        """Send a batch's planned writes, one statement for each kind.
+
+        Every statement is a round trip, after which the writer waits for the interpreter
+        lock behind the busy fetch workers: their number, not their size, sets the cost.
+        """
+        pg = self._dialect == "postgresql"
+        if writes.chats and pg:
+            arrays = {n: [c[n] for c in writes.chats] for n in _CHAT_COLUMNS}
+            arrays["raw"] = [json.dumps(raw) for raw in arrays["raw"]]
+            conn.execute(_PG_UPSERT_CHATS, arrays)
+        elif writes.chats:
+            conn.execute(self._upsert_chats, writes.chats)
+        self._insert_members.execute(conn, writes.members)
+        for rows, statement, pg_statement, at in (
+            (writes.rejoins, _REJOIN_MEMBER, _PG_REJOIN_MEMBERS, "joined_at"),
+            (writes.leaves, _LEAVE_MEMBER, _PG_LEAVE_MEMBERS, "left_at"),
+        ):
+            if rows and pg:
+                chatids, userids, ats = (list(c) for c in zip(*rows, strict=True))
+                conn.execute(pg_statement, {"chatid": chatids, "userid": userids, at: ats})
+            elif rows:
+                keys = ("key_chatid", "key_userid", "key_now")
+                conn.execute(statement, [dict(zip(keys, row, strict=True)) for row in rows])
+        self._insert_events.execute(conn, writes.events)
+        if writes.touch and pg:
+            touched = {"chatid": list(writes.touch), "last_synced_at": list(writes.touch.values())}
+            conn.execute(_PG_TOUCH, touched)
+        elif writes.touch:
+            size, params = _touch_params(writes.touch)
+            conn.execute(_touch_statement(size), params)
+        self._insert_items.execute(conn, writes.items)
+
+    def _fingerprints(self, conn: Connection, chatids: list[str]) -> dict[str, str]:
+        """The stored fingerprint of each of ``chatids`` that has a ``chats`` row."""
+        params = {"chatids": _padded(chatids)}
+        return {
+            chatid: fingerprint
+            for chatid, fingerprint in conn.execute(_SELECT_FINGERPRINTS, params)
+        }
+
+    def _plan(
         self,
-        conn: Connection,
+        writes: _Writes,
         run_id: int,
         record: ChatRecord,
         stored: RowMapping | None,
+        stored_members: list[tuple[str, dt.datetime | None]],
         now: dt.datetime,
     ) -> bool:
-        """Write a new or changed chat: members, events and its ``chats`` row."""
+        """Add a new or changed chat's writes to ``writes``; return whether it changed.
+
+        ``stored`` is its ``chats`` row (None for a new chat), ``stored_members`` its member
+        rows as (userid, left_at).
+        """
         chatid = record.chatid
         events = _Events(self._insert_events, run_id, chatid, now)
-        joined_at = self._insert_members.bind("joined_at", now)
         if stored is None:
-            members = sorted(record.members or ())
+            joined = sorted(record.members or ())
             events.add("chat_discovered")
-            events.add_members("member_joined", members, baseline=True)
-            if members:
-                self._insert_members.execute(conn, [(chatid, u, joined_at) for u in members])
-            member_count = len(members)
+            events.add_members("member_joined", joined, baseline=True)
+            joined_at = self._insert_members.bind("joined_at", now)
+            writes.members.extend((chatid, u, joined_at) for u in joined)
+            member_count = len(joined)
             first_seen_at = now
             dismissed_at = now if record.status == STATUS_DISMISSED else None
         else:
@@ -577,7 +721,9 @@ class Store:
                     )
             member_count = stored["member_count"]
             if record.members is not None:
-                joined, left = self._diff_members(conn, chatid, record.members, now)
+                joined, left = self._plan_members(
+                    writes, chatid, record.members, stored_members, now
+                )
                 events.add_members("member_joined", joined)
                 events.add_members("member_left", left)
                 member_count = len(record.members)
@@ -588,50 +734,42 @@ class Store:
                 dismissed_at = None
 
         changed = bool(events.rows)
-        if changed:
-            self._insert_events.execute(conn, events.rows)
-        values = {
-            "chatid": chatid,
-            **record.attributes,
-            "member_count": member_count,
-            "first_seen_at": first_seen_at,
-            "last_synced_at": now,
-            "last_changed_at": now if changed or stored is None else stored["last_changed_at"],
-            "dismissed_at": dismissed_at,
-            "raw": dict(record.raw),
-            "fingerprint": record.fingerprint,
-        }
-        names = tuple(values)
-        upsert = self._upserts.get(names)
-        if upsert is None:
-            upsert = self._upserts[names] = _chat_upsert(self._dialect, names)
-        conn.execute(upsert, values)
+        writes.events.extend(events.rows)
+        writes.chats.append(
+            {
+                "chatid": chatid,
+                **record.attributes,
+                "member_count": member_count,
+                "first_seen_at": first_seen_at,
+                "last_synced_at": now,
+                "last_changed_at": now if changed or stored is None else stored["last_changed_at"],
+                "dismissed_at": dismissed_at,
+                "raw": dict(record.raw),
+                "fingerprint": record.fingerprint,
+            }
+        )
         return changed
 
-    def _diff_members(
-        self, conn: Connection, chatid: str, members: frozenset[str], now: dt.datetime
+    def _plan_members(
+        self,
+        writes: _Writes,
+        chatid: str,
+        members: frozenset[str],
+        stored: list[tuple[str, dt.datetime | None]],
+        now: dt.datetime,
     ) -> tuple[list[str], list[str]]:
-        """Apply joins, leaves and re-joins in bulk; return (joined, left), sorted."""
-        rows = conn.execute(_SELECT_MEMBERS, {"chatid": chatid}).all()
-        current = {userid for userid, left_at in rows if left_at is None}
-        former = {userid for userid, left_at in rows if left_at is not None}
+        """Plan joins, leaves and re-joins; return (joined, left), sorted."""
+        current = {userid for userid, left_at in stored if left_at is None}
+        former = {userid for userid, left_at in stored if left_at is not None}
         joined = sorted(members - current)
         left = sorted(current - members)
-        rejoined = [u for u in joined if u in former]
-        new = [u for u in joined if u not in former]
-        if new:
-            joined_at = self._insert_members.bind("joined_at", now)
-            self._insert_members.execute(conn, [(chatid, u, joined_at) for u in new])
-        if rejoined:
-            conn.execute(
-                _REJOIN_MEMBER,
-                [{"key_chatid": chatid, "key_userid": u, "key_now": now} for u in rejoined],
-            )
-        if left:
-            conn.execute(
-                _LEAVE_MEMBER,
-                [{"key_chatid": chatid, "key_userid": u, "key_now": now} for u in left],
-            )
+        joined_at = self._insert_members.bind("joined_at", now)
+        for userid in joined:
+            if userid in former:
+                writes.rejoins.append((chatid, userid, now))
+            else:
+                writes.members.append((chatid, userid, joined_at))
+        writes.leaves.extend((chatid, userid, now) for userid in left)
         return joined, left
 
     # -- reads used by the CLI and tests ----------------------------------------------------

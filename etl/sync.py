@@ -41,7 +41,7 @@ EXIT_CONFIG: Final = 78
 # How often the writer confirms it still holds the sync lock (one cheap query each time).
 LOCK_CHECK_SECONDS: Final = 1.0
 # How long the writer waits for more fetched chats to share one transaction with.
-WRITE_LINGER_SECONDS: Final = 0.05
+WRITE_LINGER_SECONDS: Final = 0.2
 # Chats in flight or fetched and waiting, per worker: enough that the workers keep fetching
 # while the writer writes a batch of half as many. Big batches matter: every statement makes
 # the writer give up the interpreter lock and wait for it behind busy fetch workers.

@@ -8,7 +8,8 @@
   ``before_cursor_execute`` listener on every engine; an executemany counts once): an
   unchanged re-sync reads no member rows and writes no member or event rows; a changed
   chat reads its members once and writes joins, leaves and events with one statement each,
-  however many users changed.
+  however many users changed; a batch of new chats costs one statement per table, however
+  many chats it holds.
 - ``dingtalk-etl simulate`` serves a generated, mutated, rate-limited world from the command
   line, as the benchmark in ``bench/`` uses it.
 """
@@ -134,6 +135,7 @@ _TABLE_OF = {
     "INSERT": re.compile(r"^INSERT\s+INTO\s+[`\"]?(\w+)", re.IGNORECASE),
     "UPDATE": re.compile(r"^UPDATE\s+[`\"]?(\w+)", re.IGNORECASE),
     "DELETE": re.compile(r"^DELETE\s+FROM\s+[`\"]?(\w+)", re.IGNORECASE),
+    "COPY": re.compile(r"^COPY\s+[`\"]?(\w+)", re.IGNORECASE),
     "SELECT": re.compile(r"\bFROM\s+[`\"]?(\w+)", re.IGNORECASE),
 }
 
@@ -149,7 +151,9 @@ def statements() -> Iterator[list[Statement]]:
         text = " ".join(statement.split())
         verb = text.split(" ", 1)[0].upper()
         match = _TABLE_OF[verb].search(text) if verb in _TABLE_OF else None
-        seen.append(Statement(verb, match.group(1).lower() if match else None, executemany))
+        table = match.group(1).lower() if match else None
+        # PostgreSQL's COPY ... FROM STDIN is the store's bulk insert there.
+        seen.append(Statement("INSERT" if verb == "COPY" else verb, table, executemany))
 
     event.listen(Engine, "before_cursor_execute", record)
     try:
@@ -183,6 +187,27 @@ def test_unchanged_resync_reads_no_members_and_writes_no_members_or_events(
     assert 1 <= sent[("SELECT", "chats")] <= 12
     assert 1 <= sent[("UPDATE", "chats")] <= 12
     assert sent[("INSERT", "chats")] == 0
+
+
+def test_a_batch_of_new_chats_costs_a_few_statements_not_a_few_per_chat(
+    db_url: URL, make_config: MakeConfig
+) -> None:
+    world = generated(40)
+    with Simulator(world) as sim:
+        config = make_config(db_url, sim.base_url, world.chatids())
+        with statements() as seen:
+            result = run_sync(config)
+
+    assert (result.status, result.chats_changed) == ("succeeded", 40)
+    sent = counts(seen)
+    # One fingerprint read and one run-items insert per batch (one transaction each).
+    batches = sent[("INSERT", "sync_run_items")]
+    assert batches == sent[("SELECT", "chats")]
+    # 40 chats from 4 workers on loopback arrive within a batch's linger of each other.
+    assert batches < 40 / 4
+    for table in ("chats", "chat_members", "chat_events"):
+        assert sent[("INSERT", table)] == batches, table
+    assert sent[("SELECT", "chat_members")] == 0  # new chats have no members to read
 
 
 BIG = "chat-big"

@@ -40,7 +40,8 @@ def test_token_expiring_every_few_hundred_milliseconds(
 ) -> None:
     # DingTalk says expires_in=1 (whole seconds) for a token that lives 0.3 s: the client
     # cannot refresh early and meets 42001 again and again.
-    world = _world(40, token_ttl_seconds=0.3, latency_ms=25)
+    # 40 chats, two at a time, 60 ms each: about 1.2 s of calls, four lifetimes or more.
+    world = _world(40, token_ttl_seconds=0.3, latency_ms=60)
     with Simulator(world) as sim:
         config = make_config(db_url, sim.base_url, world.chatids(), sync={"concurrency": 2})
         result = run_sync(config)
