@@ -5,7 +5,7 @@ the sync shares between the chats it has in hand (a batch). A batch costs a hand
 statements whatever its size: a read of the fingerprints, the changed chats' rows and
 members, then one bulk statement per kind of write. The common case, a chat whose
 fingerprint did not change, reads no members and costs its share of one update of
-``last_synced_at``. Bulk inserts are ``COPY`` on PostgreSQL, the driver's executemany
+``last_synced_at``. Bulk inserts are ``COPY`` on PostgreSQL and multi-row statements
 elsewhere. SQLAlchemy and driver errors become ``DatabaseError`` here (``raise ... from``),
 passwords hidden.
 """
@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import socket
+import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -210,8 +211,9 @@ class _BulkInsert:
 
     PostgreSQL gets the rows by ``COPY ... FROM STDIN``, its bulk load: psycopg's
     executemany would wait for each row's answer in turn, and arrays of parameters are
-    dumped in Python element by element. The others get the driver's executemany, which
-    PyMySQL folds into multi-row statements.
+    dumped in Python element by element. SQLite gets multi-row ``VALUES`` lists, as many
+    rows per statement as its parameter limit allows. MySQL and MariaDB get the driver's
+    executemany, which PyMySQL folds into multi-row statements itself.
     """
 
     def __init__(
@@ -233,6 +235,10 @@ class _BulkInsert:
         if unbound:
             # A type that starts to need converting must go through bind(), or rows go wrong.
             raise ValueError(f"{table.name}: columns {sorted(unbound)} need bind()")
+        self._values: tuple[str, str] | None = None
+        if dialect.name == "sqlite":
+            head, _, group = self._sql.partition(" VALUES ")
+            self._values = (head, group)
         self._copy: str | None = None
         if dialect.name == "postgresql":
             quote = dialect.identifier_preparer.quote
@@ -251,11 +257,32 @@ class _BulkInsert:
         if self._copy is not None:
             self._copy_rows(conn, rows)
             return
+        if self._values is not None:
+            self._insert_values(conn, rows)
+            return
         params: Sequence[Any] = rows
         if self._names is not None:
             names = self._names
             params = [dict(zip(names, row, strict=True)) for row in rows]
         conn.exec_driver_sql(self._sql, params)
+
+    def _insert_values(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+        """SQLite: the rows as ``INSERT ... VALUES (...), (...), ...`` in a few statements.
+
+        sqlite3's executemany lets go of the interpreter lock for every row, and getting it
+        back behind busy fetch workers can take a switch interval (5 ms) each time.
+        """
+        assert self._values is not None
+        head, group = self._values
+        # 32,766 parameters per statement since SQLite 3.32, 999 before.
+        driver = conn.connection.driver_connection
+        assert isinstance(driver, sqlite3.Connection)
+        limit = driver.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        step = max(1, limit // len(rows[0]))
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            sql = f"{head} VALUES {', '.join([group] * len(chunk))}"
+            conn.exec_driver_sql(sql, tuple(value for row in chunk for value in row))
 
     def _copy_rows(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         """PostgreSQL's ``COPY ... FROM STDIN`` on the connection's own transaction.
@@ -423,6 +450,11 @@ class Store:
         self._dialect = engine.dialect.name
         dialect = engine.dialect
         self._upsert_chats = _chat_upsert(self._dialect, _CHAT_COLUMNS)
+        if self._dialect == "sqlite":
+            # With RETURNING, SQLAlchemy sends an executemany as multi-row statements
+            # ("insertmanyvalues"), where sqlite3 would let go of the interpreter lock for
+            # every row: chats rows are large, and each wait behind the fetch workers long.
+            self._upsert_chats = self._upsert_chats.returning(chats.c.chatid)
         self._insert_members = _BulkInsert(
             chat_members, _MEMBER_COLUMNS, dialect, bound=["joined_at"]
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -32,12 +33,13 @@ import pytest
 import requests
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import URL
+from sqlalchemy.pool import Pool
 
 from etl.dingtalk import Pacer
 from etl.simulator import SimChat, Simulator, World
 from etl.sync import run_sync
 from tests.conftest import APP_KEY, APP_SECRET, MakeConfig
-from tests.helpers import current_members
+from tests.helpers import current_members, rows
 from tests.test_dingtalk import FakeClock, RecordingStop, max_in_window
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,6 +210,41 @@ def test_a_batch_of_new_chats_costs_a_few_statements_not_a_few_per_chat(
     for table in ("chats", "chat_members", "chat_events"):
         assert sent[("INSERT", table)] == batches, table
     assert sent[("SELECT", "chat_members")] == 0  # new chats have no members to read
+
+
+@contextmanager
+def sqlite_parameter_limit(limit: int) -> Iterator[None]:
+    """New SQLite connections take at most ``limit`` parameters per statement (as builds
+    before SQLite 3.32 did: 999), so that a test can reach the limit with a small chat."""
+
+    def lower(dbapi_conn: Any, _record: Any) -> None:
+        if isinstance(dbapi_conn, sqlite3.Connection):
+            dbapi_conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, limit)
+
+    event.listen(Pool, "connect", lower)
+    try:
+        yield
+    finally:
+        event.remove(Pool, "connect", lower)
+
+
+def test_a_chat_beyond_one_statements_parameters_is_written_whole(
+    db_url: URL, make_config: MakeConfig
+) -> None:
+    # 400 members: 3,600 event parameters, more than SQLite takes here in one statement.
+    userids = [f"user-{n:05d}" for n in range(400)]
+    world = World(APP_KEY, APP_SECRET)
+    world.add_chat(SimChat("chat-huge", "Huge", userids[0], userids))
+    with Simulator(world) as sim, sqlite_parameter_limit(999), statements() as seen:
+        result = run_sync(make_config(db_url, sim.base_url, ["chat-huge"]))
+
+    assert (result.status, result.chats_changed) == ("succeeded", 1)
+    assert current_members(db_url)["chat-huge"] == set(userids)
+    joined = [e for e in rows(db_url, "chat_events") if e["event_type"] == "member_joined"]
+    assert sorted(e["userid"] for e in joined) == userids
+    if db_url.get_backend_name() == "sqlite":
+        # 111 events of 9 columns per statement; the others take the batch in one.
+        assert counts(seen)[("INSERT", "chat_events")] == 4
 
 
 BIG = "chat-big"
