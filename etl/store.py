@@ -51,6 +51,8 @@ from etl.schema import chat_events, chat_members, chats, sync_run_items, sync_ru
 
 _T = TypeVar("_T")
 
+# Parameters per multi-row INSERT on SQLite (see _BulkInsert._insert_values).
+SQLITE_PARAMETERS = 4096
 RUN_STATUSES = ("running", "succeeded", "partial", "failed", "abandoned")
 
 
@@ -274,10 +276,12 @@ class _BulkInsert:
         """
         assert self._values is not None
         head, group = self._values
-        # 32,766 parameters per statement since SQLite 3.32, 999 before.
         driver = conn.connection.driver_connection
         assert isinstance(driver, sqlite3.Connection)
-        limit = driver.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        # SQLite takes 32,766 parameters per statement since 3.32, 999 before. Fewer is
+        # enough: sqlite3 keeps the last 128 statements prepared, and a prepared statement
+        # holds memory in proportion to its parameters.
+        limit = min(driver.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER), SQLITE_PARAMETERS)
         step = max(1, limit // len(rows[0]))
         for start in range(0, len(rows), step):
             chunk = rows[start : start + step]
