@@ -261,19 +261,11 @@ def members(
     )
 
 
-def members_at_query(chatid: str, at: dt.datetime) -> Any:
-    """Members of ``chatid`` at ``at``: each user's latest member event at or before ``at``
-    is a join. ``left_at`` is when that membership was later seen to end (NULL: not yet)."""
-    e = chat_events.alias("e")
+def _left_after(joined: Any) -> Any:
+    """When the membership that the ``member_joined`` row ``joined`` began was first seen to
+    end: the earliest later ``member_left`` of that chat and user (NULL: not yet)."""
     later = chat_events.alias("later")
-    latest = (
-        select(func.max(e.c.id).label("id"))
-        .where(e.c.chatid == chatid, e.c.event_type.in_(MEMBER_EVENTS), e.c.observed_at <= at)
-        .group_by(e.c.userid)
-        .subquery("latest")
-    )
-    joined = chat_events.alias("j")
-    left_at = (
+    return (
         select(func.min(later.c.observed_at))
         .where(
             later.c.chatid == joined.c.chatid,
@@ -283,6 +275,20 @@ def members_at_query(chatid: str, at: dt.datetime) -> Any:
         )
         .scalar_subquery()
     )
+
+
+def members_at_query(chatid: str, at: dt.datetime) -> Any:
+    """Members of ``chatid`` at ``at``: each user's latest member event at or before ``at``
+    is a join. ``left_at`` is when that membership was later seen to end (NULL: not yet)."""
+    e = chat_events.alias("e")
+    latest = (
+        select(func.max(e.c.id).label("id"))
+        .where(e.c.chatid == chatid, e.c.event_type.in_(MEMBER_EVENTS), e.c.observed_at <= at)
+        .group_by(e.c.userid)
+        .subquery("latest")
+    )
+    joined = chat_events.alias("j")
+    left_at = _left_after(joined)
     return (
         select(
             joined.c.userid,
@@ -483,17 +489,7 @@ def user(engine: Engine, userid: str, *, tz: ZoneInfo) -> Report:
 def user_intervals_query(userid: str) -> Any:
     """One row per ``member_joined`` of the user, with the first leave after it."""
     joined = chat_events.alias("j")
-    later = chat_events.alias("later")
-    left_at = (
-        select(func.min(later.c.observed_at))
-        .where(
-            later.c.chatid == joined.c.chatid,
-            later.c.userid == joined.c.userid,
-            later.c.event_type == "member_left",
-            later.c.id > joined.c.id,
-        )
-        .scalar_subquery()
-    )
+    left_at = _left_after(joined)
     return (
         select(
             joined.c.chatid,
