@@ -30,6 +30,9 @@ MYSQL_ADMIN_URL = os.environ.get(
     "DINGTALK_ETL_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4"
 )
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+# The report tests' shared history and its fixtures (scenario, engine).
+pytest_plugins = ["tests.report_scenario"]
+
 DATABASES = ["sqlite", "postgresql", "mariadb"]
 APP_KEY = "test-key"
 APP_SECRET = "test-secret-9f8e7d6c5b4a"

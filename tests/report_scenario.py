@@ -9,6 +9,9 @@ Built for real: the simulator over HTTP, five sync runs into a migrated database
     run 4  nothing changes; chat-eng fails (HTTP 502 three times)
     run 5  chat-fin renamed "Finance & Controlling" and made searchable; chat-eng: dave
            leaves; chat-old fails (HTTP 502 three times)
+
+The fixtures ``scenario`` (per module and database) and ``engine`` are registered for the
+whole suite by ``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from etl.schema import chats
 from etl.simulator import SimChat, Simulator, World
 from etl.store import create_db_engine
 from etl.sync import run_sync
-from tests.conftest import APP_KEY, APP_SECRET, fresh_database
+from tests.conftest import APP_KEY, APP_SECRET, DATABASES, fresh_database
 
 CHATIDS = ["chat-fin", "chat-eng", "chat-old", "chat-x"]
 SAFE = {"validationType": 1, "searchable": 0, "mentionAllAuthority": 1, "managementType": 1}
@@ -170,8 +173,16 @@ def build_scenario(kind: str, folder: Path) -> Scenario:
     return scenario
 
 
-def scenario_fixture(
-    request: pytest.FixtureRequest, factory: pytest.TempPathFactory
-) -> Iterator[Scenario]:
-    """For a module-scoped fixture parametrized over the databases."""
-    yield build_scenario(str(request.param), factory.mktemp(f"scenario-{request.param}"))
+@pytest.fixture(scope="module", params=DATABASES, ids=DATABASES)
+def scenario(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Scenario:
+    """The history, built once per test module and database."""
+    kind = str(request.param)
+    return build_scenario(kind, tmp_path_factory.mktemp(f"scenario-{kind}"))
+
+
+@pytest.fixture
+def engine(scenario: Scenario) -> Iterator[Engine]:
+    """An engine on the scenario's database, disposed of after the test."""
+    engine = scenario.engine()
+    yield engine
+    engine.dispose()

@@ -9,7 +9,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -21,19 +21,12 @@ from etl.report_html import render, render_audit
 from etl.simulator import SimChat, Simulator, World
 from etl.store import create_db_engine
 from etl.sync import run_sync
-from tests.conftest import APP_KEY, APP_SECRET, DATABASES, IN_CI, MakeConfig
-from tests.report_scenario import Scenario, build_scenario, scenario_fixture
+from tests.conftest import APP_KEY, APP_SECRET, IN_CI, MakeConfig
+from tests.report_scenario import Scenario, build_scenario
 
 UTC = ZoneInfo("UTC")
 EVIL_NAME = '<script>document.title="pwned"</script> & "Co"'
 EVIL_USER = "<img src=x onerror=alert(1)>"
-
-
-@pytest.fixture(scope="module", params=DATABASES, ids=DATABASES)
-def scenario(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Scenario]:
-    yield from scenario_fixture(request, tmp_path_factory)
 
 
 def audit_html(

@@ -8,7 +8,7 @@ import datetime as dt
 import io
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -20,27 +20,12 @@ from sqlalchemy.engine import Engine
 from etl import reports
 from etl.cli import cli
 from etl.reports import NoAnswer, parse_timestamp
-from tests.conftest import DATABASES
-from tests.report_scenario import MEMBERS, Scenario, scenario_fixture
+from tests.report_scenario import MEMBERS, Scenario
 
 UTC = ZoneInfo("UTC")
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 US = dt.timedelta(microseconds=1)
 When = Callable[[Scenario], dt.datetime | None]
-
-
-@pytest.fixture(scope="module", params=DATABASES, ids=DATABASES)
-def scenario(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Scenario]:
-    yield from scenario_fixture(request, tmp_path_factory)
-
-
-@pytest.fixture
-def engine(scenario: Scenario) -> Iterator[Engine]:
-    engine = scenario.engine()
-    yield engine
-    engine.dispose()
 
 
 def at(chatid: str, run: int, delta: dt.timedelta = dt.timedelta(0)) -> When:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -17,8 +17,7 @@ from sqlalchemy.engine import Engine
 from etl import reports
 from etl.normalize import ATTRIBUTE_FIELDS
 from etl.schema import UTCDateTime, metadata
-from tests.conftest import DATABASES
-from tests.report_scenario import MEMBERS, Scenario, scenario_fixture
+from tests.report_scenario import MEMBERS, Scenario
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "schema.md"
 TIME_PARAMS = ("as_of", "since", "until")
@@ -35,20 +34,6 @@ def sql_blocks() -> dict[str, str]:
         assert header[1] not in found, f"two blocks named {header[1]}"
         found[header[1]] = block
     return found
-
-
-@pytest.fixture(scope="module", params=DATABASES, ids=DATABASES)
-def scenario(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Scenario]:
-    yield from scenario_fixture(request, tmp_path_factory)
-
-
-@pytest.fixture
-def engine(scenario: Scenario) -> Iterator[Engine]:
-    engine = scenario.engine()
-    yield engine
-    engine.dispose()
 
 
 def run(engine: Engine, name: str, **params: Any) -> list[tuple[Any, ...]]:

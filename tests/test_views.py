@@ -4,7 +4,6 @@ types, and a downgrade that removes them."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -17,25 +16,10 @@ from sqlalchemy.engine import URL, Engine
 from etl import migrate, reports
 from etl.schema import UTCDateTime
 from etl.store import create_db_engine
-from tests.conftest import DATABASES
-from tests.report_scenario import MEMBERS, OWNERS, Scenario, scenario_fixture
+from tests.report_scenario import MEMBERS, OWNERS, Scenario
 
 UTC = ZoneInfo("UTC")
 VIEWS = {"current_chat_members", "membership_changes"}
-
-
-@pytest.fixture(scope="module", params=DATABASES, ids=DATABASES)
-def scenario(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Scenario]:
-    yield from scenario_fixture(request, tmp_path_factory)
-
-
-@pytest.fixture
-def engine(scenario: Scenario) -> Iterator[Engine]:
-    engine = scenario.engine()
-    yield engine
-    engine.dispose()
 
 
 def as_utc(value: Any) -> dt.datetime:
