@@ -103,6 +103,16 @@ def fresh_database(kind: str, tmp_path: Path, suffix: str = "") -> URL:
     raise ValueError(kind)
 
 
+def migrated(url: URL) -> URL:
+    """``url`` after ``alembic upgrade head`` on it (the product's own migration)."""
+    engine = create_db_engine(url)
+    try:
+        migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+    return url
+
+
 @pytest.fixture(params=DATABASES, ids=DATABASES)
 def db_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -117,24 +127,13 @@ def empty_db(db_kind: str, tmp_path: Path) -> URL:
 @pytest.fixture
 def db_url(empty_db: URL) -> URL:
     """A fresh database of each kind, schema built by ``alembic upgrade head``."""
-    engine = create_db_engine(empty_db)
-    try:
-        migrate.upgrade(engine)
-    finally:
-        engine.dispose()
-    return empty_db
+    return migrated(empty_db)
 
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> URL:
     """A migrated SQLite database, for tests about the API side only."""
-    url = fresh_database("sqlite", tmp_path)
-    engine = create_db_engine(url)
-    try:
-        migrate.upgrade(engine)
-    finally:
-        engine.dispose()
-    return url
+    return migrated(fresh_database("sqlite", tmp_path))
 
 
 def sample_world(**kw: Any) -> World:

@@ -26,14 +26,13 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import URL, Engine
 
-from etl import migrate
 from etl.config import parse_config
 from etl.logs import configure_logging
 from etl.schema import chats
 from etl.simulator import SimChat, Simulator, World
 from etl.store import create_db_engine
 from etl.sync import run_sync
-from tests.conftest import APP_KEY, APP_SECRET, DATABASES, fresh_database
+from tests.conftest import APP_KEY, APP_SECRET, DATABASES, fresh_database, migrated
 
 CHATIDS = ["chat-fin", "chat-eng", "chat-old", "chat-x"]
 SAFE = {"validationType": 1, "searchable": 0, "mentionAllAuthority": 1, "managementType": 1}
@@ -116,12 +115,7 @@ class Scenario:
 
 def build_scenario(kind: str, folder: Path) -> Scenario:
     configure_logging("WARNING", "json")
-    url = fresh_database(kind, folder, suffix="_reports")
-    engine = create_db_engine(url)
-    try:
-        migrate.upgrade(engine)
-    finally:
-        engine.dispose()
+    url = migrated(fresh_database(kind, folder, suffix="_reports"))
     scenario = Scenario(kind, url, folder)
     world = build_world()
     with Simulator(world) as sim:

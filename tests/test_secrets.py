@@ -26,14 +26,12 @@ from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
 
-from etl import migrate
 from etl.cli import cli
 from etl.config import load_config
 from etl.errors import EtlError
 from etl.simulator import SimChat, Simulator, World
-from etl.store import create_db_engine
 from etl.sync import run_sync
-from tests.conftest import APP_KEY, APP_SECRET, fresh_database
+from tests.conftest import APP_KEY, APP_SECRET, fresh_database, migrated
 from tests.faults.checks import load_tables
 from tests.faults.conftest import Launcher, clean_env, write_config
 
@@ -65,12 +63,7 @@ def pg_password_url(tmp_path: Path) -> Iterator[URL]:
     pg_hba may trust 127.0.0.1, in which case the password is not checked: what matters here
     is that it is in the URL the product is given.
     """
-    admin_url = fresh_database("postgresql", tmp_path)
-    engine = create_db_engine(admin_url)
-    try:
-        migrate.upgrade(engine)
-    finally:
-        engine.dispose()
+    admin_url = migrated(fresh_database("postgresql", tmp_path))
     role = f"etl_secret_{uuid.uuid4().hex[:8]}"
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:

@@ -27,13 +27,11 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Connection, Engine
 
-from etl import migrate
 from etl.config import Config, load_config
 from etl.lock import PG_LOCK_KEY
 from etl.simulator import SimChat, Simulator, World
-from etl.store import create_db_engine
 from etl.sync import RunResult, run_sync
-from tests.conftest import APP_KEY, APP_SECRET, MakeConfig, fresh_database
+from tests.conftest import APP_KEY, APP_SECRET, MakeConfig, fresh_database, migrated
 from tests.faults.checks import audit_problems, world_problems, world_state
 from tests.faults.conftest import write_config
 from tests.helpers import rows
@@ -80,11 +78,6 @@ def _in_thread(action: Callable[[], RunResult]) -> Iterator[dict[str, RunResult]
         assert not worker.is_alive(), "the run did not end"
 
 
-def _expected(world: World) -> dict[str, dict[str, object]]:
-    with world.lock:
-        return world_state(world.chats.values())
-
-
 def _wait_until(condition: Callable[[], object], timeout: float = 20.0) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -100,13 +93,7 @@ def _wait_until(condition: Callable[[], object], timeout: float = 20.0) -> objec
 
 @pytest.fixture
 def pg_url(tmp_path: Path) -> URL:
-    url = fresh_database("postgresql", tmp_path)
-    engine = create_db_engine(url)
-    try:
-        migrate.upgrade(engine)
-    finally:
-        engine.dispose()
-    return url
+    return migrated(fresh_database("postgresql", tmp_path))
 
 
 @pytest.fixture
@@ -173,7 +160,7 @@ def test_pg_connection_killed_mid_write_rolls_the_chat_back(
 
     assert again.status == "succeeded"
     assert (again.chats_changed, again.chats_total) == (3 - len(written), 3)
-    assert world_problems(pg_url, _expected(world)) == []
+    assert world_problems(pg_url, world_state(world)) == []
     assert audit_problems(pg_url) == []
 
 
@@ -213,7 +200,7 @@ def test_pg_sessions_killed_between_writes_stop_the_run_before_it_writes_unlocke
         again = run_sync(config)
 
     assert (again.status, again.chats_changed) == ("succeeded", 2)
-    assert world_problems(pg_url, _expected(world)) == []
+    assert world_problems(pg_url, world_state(world)) == []
     assert audit_problems(pg_url) == []
 
 
@@ -268,7 +255,7 @@ def test_sqlite_writer_waits_for_a_short_lock(
         result = out["result"]
 
     assert (result.status, result.chats_changed) == ("succeeded", 3)
-    assert world_problems(sqlite_url, _expected(world)) == []
+    assert world_problems(sqlite_url, world_state(world)) == []
     assert audit_problems(sqlite_url) == []
 
 
@@ -311,5 +298,5 @@ def test_sqlite_lock_held_past_the_busy_timeout_fails_the_run_and_loses_nothing(
     assert [r["status"] for r in runs] == ["succeeded", "abandoned", "succeeded"]
     assert "lost the database" in runs[1]["error"]
     assert again.chats_changed == 2
-    assert world_problems(sqlite_url, _expected(world)) == []
+    assert world_problems(sqlite_url, world_state(world)) == []
     assert audit_problems(sqlite_url) == []
