@@ -7,13 +7,15 @@ Used after kill loops, lost databases and soak runs. Each function returns a lis
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.engine import URL
 
+from etl.simulator import SimChat, World
 from etl.store import create_db_engine
+from tests.conftest import APP_KEY, APP_SECRET
 from tests.helpers import ORDER, TABLES
 
 MEMBER_EVENTS = ("member_joined", "member_left")
@@ -159,14 +161,25 @@ def world_problems(db: URL | Tables, expected: Mapping[str, Mapping[str, Any]]) 
     return problems
 
 
-def world_state(world_chats: Iterable[Any]) -> dict[str, dict[str, Any]]:
-    """The simulated chats as ``world_problems`` expects them (a deep copy)."""
-    return {
-        chat.chatid: {
-            "members": set(chat.useridlist),
-            "name": chat.name,
-            "owner": chat.owner,
-            "status": chat.status,
+def world_state(world: World) -> dict[str, dict[str, Any]]:
+    """The simulated chats as ``world_problems`` expects them: a deep copy, read under the
+    world's lock while the simulator may be serving it."""
+    with world.lock:
+        return {
+            chat.chatid: {
+                "members": set(chat.useridlist),
+                "name": chat.name,
+                "owner": chat.owner,
+                "status": chat.status,
+            }
+            for chat in world.chats.values()
         }
-        for chat in world_chats
-    }
+
+
+def numbered_world(n: int, **settings: Any) -> World:
+    """``n`` chats ``chat-00``... of two members each, one user shared by all of them;
+    ``settings`` are the ``World``'s (token lifetime, latency)."""
+    world = World(APP_KEY, APP_SECRET, **settings)
+    for i in range(n):
+        world.add_chat(SimChat(f"chat-{i:02d}", f"Chat {i}", f"u{i}", [f"u{i}", "u-shared"]))
+    return world

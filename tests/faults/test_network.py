@@ -14,25 +14,13 @@ import time
 import pytest
 from sqlalchemy.engine import URL
 
-from etl.simulator import SimChat, Simulator, World
+from etl.simulator import Simulator
 from etl.sync import run_sync
-from tests.conftest import APP_KEY, APP_SECRET, MakeConfig
-from tests.faults.checks import audit_problems, world_problems, world_state
+from tests.conftest import MakeConfig
+from tests.faults.checks import audit_problems, numbered_world, world_problems, world_state
 from tests.helpers import rows
 
 MAX_ATTEMPTS = 3
-
-
-def _world(n: int) -> World:
-    world = World(APP_KEY, APP_SECRET)
-    for i in range(n):
-        world.add_chat(SimChat(f"chat-{i:02d}", f"Chat {i}", f"u{i}", [f"u{i}", "u-shared"]))
-    return world
-
-
-def _expected(world: World) -> dict[str, dict[str, object]]:
-    with world.lock:
-        return world_state(world.chats.values())
 
 
 @pytest.mark.parametrize(
@@ -67,7 +55,7 @@ def _expected(world: World) -> dict[str, dict[str, object]]:
 def test_fault_is_retried_then_fails_the_chat_alone(
     sqlite_url: URL, make_config: MakeConfig, fault: str, message: str
 ) -> None:
-    world = _world(3)
+    world = numbered_world(3)
     # chat-00: one fault fewer than max_attempts (it gets through); chat-01: as many (it fails).
     world.inject("chat-00", *[fault] * (MAX_ATTEMPTS - 1))
     world.inject("chat-01", *[fault] * MAX_ATTEMPTS)
@@ -103,7 +91,7 @@ def test_bursts_of_busy_and_throttled_answers_across_many_chats(
     db_url: URL, make_config: MakeConfig
 ) -> None:
     rng = random.Random(6)
-    world = _world(10)
+    world = numbered_world(10)
     injected = 0
     for chatid in world.chatids():
         burst = [rng.choice(["errcode:-1", "errcode:-1", "errcode:90018"])]
@@ -122,7 +110,7 @@ def test_bursts_of_busy_and_throttled_answers_across_many_chats(
     assert result.status == "succeeded"
     assert (result.api_calls, result.retries) == (requests, injected)
     assert requests == 1 + 10 + injected
-    assert world_problems(db_url, _expected(world)) == []
+    assert world_problems(db_url, world_state(world)) == []
     assert audit_problems(db_url) == []
     assert elapsed < 30
 
@@ -130,7 +118,7 @@ def test_bursts_of_busy_and_throttled_answers_across_many_chats(
 def test_time_budget_stops_a_run_the_network_keeps_slow(
     db_url: URL, make_config: MakeConfig
 ) -> None:
-    world = _world(12)
+    world = numbered_world(12)
     for chatid in world.chatids():
         world.inject(chatid, "slow:0.4")
     with Simulator(world) as sim:
@@ -160,13 +148,13 @@ def test_time_budget_stops_a_run_the_network_keeps_slow(
         again = run_sync(config)
 
     assert (again.status, again.chats_changed) == ("succeeded", 12 - done)
-    assert world_problems(db_url, _expected(world)) == []
+    assert world_problems(db_url, world_state(world)) == []
     assert audit_problems(db_url) == []
 
 
 def test_time_budget_ends_retry_pauses_at_once(sqlite_url: URL, make_config: MakeConfig) -> None:
     """Every chat throttled on every attempt: without a budget this run takes minutes."""
-    world = _world(20)
+    world = numbered_world(20)
     for chatid in world.chatids():
         world.inject(chatid, *["errcode:90018"] * 5)
     with Simulator(world) as sim:

@@ -14,25 +14,13 @@ import time
 import pytest
 from sqlalchemy.engine import URL
 
-from etl.simulator import SimChat, Simulator, World
+from etl.simulator import Simulator
 from etl.sync import RunResult, run_sync
-from tests.conftest import APP_KEY, APP_SECRET, MakeConfig
-from tests.faults.checks import audit_problems, world_problems, world_state
+from tests.conftest import MakeConfig
+from tests.faults.checks import audit_problems, numbered_world, world_problems, world_state
 from tests.helpers import rows
 
 MAX_ATTEMPTS = 3
-
-
-def _world(n: int, **kwargs: float) -> World:
-    world = World(APP_KEY, APP_SECRET, **kwargs)  # type: ignore[arg-type]
-    for i in range(n):
-        world.add_chat(SimChat(f"chat-{i:02d}", f"Chat {i}", f"u{i}", [f"u{i}", "u-shared"]))
-    return world
-
-
-def _expected(world: World) -> dict[str, dict[str, object]]:
-    with world.lock:
-        return world_state(world.chats.values())
 
 
 def test_token_expiring_every_few_hundred_milliseconds(
@@ -41,7 +29,7 @@ def test_token_expiring_every_few_hundred_milliseconds(
     # DingTalk says expires_in=1 (whole seconds) for a token that lives 0.3 s: the client
     # cannot refresh early and meets 42001 again and again.
     # 40 chats, two at a time, 60 ms each: about 1.2 s of calls, four lifetimes or more.
-    world = _world(40, token_ttl_seconds=0.3, latency_ms=60)
+    world = numbered_world(40, token_ttl_seconds=0.3, latency_ms=60)
     with Simulator(world) as sim:
         config = make_config(db_url, sim.base_url, world.chatids(), sync={"concurrency": 2})
         result = run_sync(config)
@@ -53,12 +41,12 @@ def test_token_expiring_every_few_hundred_milliseconds(
     assert result.api_calls == stats.total_requests == stats.gettoken_calls + chat_gets
     # Each 42001 cost one resent chat/get, counted as a retry (a refresh is a new fetch).
     assert result.retries == chat_gets - 40 >= stats.tokens_issued - 1
-    assert world_problems(db_url, _expected(world)) == []
+    assert world_problems(db_url, world_state(world)) == []
     assert audit_problems(db_url) == []
 
 
 def test_each_expiry_costs_one_refresh(sqlite_url: URL, make_config: MakeConfig) -> None:
-    world = _world(12)
+    world = numbered_world(12)
     expired = world.chatids()[1::3]
     for chatid in expired:
         world.inject(chatid, "expire_token")
@@ -77,7 +65,7 @@ def test_token_refused_although_fresh_stops_the_run_at_once(
     sqlite_url: URL, make_config: MakeConfig
 ) -> None:
     # Every token is dead before any chat/get reaches the server: refreshing cannot help.
-    world = _world(30, token_ttl_seconds=0.001, latency_ms=5)
+    world = numbered_world(30, token_ttl_seconds=0.001, latency_ms=5)
     with Simulator(world) as sim:
         config = make_config(sqlite_url, sim.base_url, world.chatids(), sync={"concurrency": 4})
         result = run_sync(config)
@@ -101,7 +89,7 @@ def test_token_refused_although_fresh_stops_the_run_at_once(
 def test_gettoken_answering_minus_1(
     sqlite_url: URL, make_config: MakeConfig, busy: int, status: str
 ) -> None:
-    world = _world(5)
+    world = numbered_world(5)
     world.inject("@gettoken", *["errcode:-1"] * busy)
     with Simulator(world) as sim:
         config = make_config(sqlite_url, sim.base_url, world.chatids())
@@ -126,7 +114,7 @@ def test_gettoken_answering_minus_1(
 
 
 def test_refresh_mid_run_meets_a_busy_gettoken(sqlite_url: URL, make_config: MakeConfig) -> None:
-    world = _world(4)
+    world = numbered_world(4)
     world.inject("chat-01", "slow:0.5")
     with Simulator(world) as sim:
         config = make_config(sqlite_url, sim.base_url, world.chatids(), sync={"concurrency": 1})
