@@ -27,12 +27,6 @@ def plain(value: Any) -> Any:
     return value
 
 
-def to_json(rows: Sequence[Mapping[Any, Any]]) -> str:
-    return json.dumps(
-        [{k: plain(v) for k, v in row.items()} for row in rows], indent=2, ensure_ascii=False
-    )
-
-
 def cell(value: Any, width: int = 40) -> str:
     if value is None:
         return ""

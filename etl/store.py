@@ -35,7 +35,6 @@ from sqlalchemy import (
     case,
     create_engine,
     event,
-    func,
     insert,
     select,
     text,
@@ -536,33 +535,6 @@ class Store:
         with database_errors("finishing the run"), self.engine.begin() as conn:
             conn.execute(sa_update(sync_runs).where(sync_runs.c.id == run_id).values(**values))
 
-    def record_failure(
-        self,
-        run_id: int,
-        chatid: str,
-        *,
-        attempts: int,
-        errcode: int | None,
-        error: str,
-        duration_ms: int,
-    ) -> None:
-        with (
-            database_errors(f"recording the failure of chat {chatid!r}"),
-            self.engine.begin() as conn,
-        ):
-            conn.execute(
-                insert(sync_run_items).values(
-                    run_id=run_id,
-                    chatid=chatid,
-                    status="failed",
-                    changed=False,
-                    attempts=attempts,
-                    errcode=errcode,
-                    error=error,
-                    duration_ms=duration_ms,
-                )
-            )
-
     def recent_runs(self, limit: int) -> list[dict[str, Any]]:
         with database_errors("reading runs"), self.engine.connect() as conn:
             rows = conn.execute(
@@ -593,19 +565,6 @@ class Store:
             return [dict(row) for row in rows]
 
     # -- chats -----------------------------------------------------------------------------
-
-    def apply_chat(
-        self,
-        run_id: int,
-        record: ChatRecord,
-        *,
-        observed_at: dt.datetime,
-        attempts: int,
-        duration_ms: int,
-    ) -> bool:
-        """Write one observed chat atomically; return whether anything changed."""
-        outcome = ChatOutcome(record.chatid, observed_at, attempts, duration_ms, record)
-        return self.write_chats(run_id, [outcome])[0]
 
     def write_chats(self, run_id: int, outcomes: Sequence[ChatOutcome]) -> list[bool]:
         """Write a batch of fetched chats in one transaction; return whether each changed.
@@ -807,21 +766,3 @@ class Store:
                 writes.members.append((chatid, userid, joined_at))
         writes.leaves.extend((chatid, userid, now) for userid in left)
         return joined, left
-
-    # -- reads used by the CLI and tests ----------------------------------------------------
-
-    def current_members(self, chatid: str) -> set[str]:
-        with database_errors("reading members"), self.engine.connect() as conn:
-            rows = conn.execute(
-                select(chat_members.c.userid).where(
-                    (chat_members.c.chatid == chatid) & chat_members.c.left_at.is_(None)
-                )
-            ).scalars()
-            return set(rows)
-
-    def count_rows(self, table_name: str) -> int:
-        table = {t.name: t for t in (chats, chat_members, chat_events, sync_runs, sync_run_items)}[
-            table_name
-        ]
-        with database_errors("counting rows"), self.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
