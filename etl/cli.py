@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 from etl import __version__, migrate, reports
 from etl.config import Config, check_chatid, load_config, resolve_config_path
 from etl.demo import demo_world, run_demo
-from etl.errors import ConfigError, EtlError, FatalError, LockHeld
+from etl.errors import EtlError, ExitCode
 from etl.lock import run_lock
 from etl.logs import configure_logging
 from etl.monitoring import monitored_sync, parse_duration, read_health
@@ -32,7 +32,6 @@ from etl.report_html import FORMATS, render, render_audit
 from etl.scheduler import run_schedule
 from etl.simulator import Simulator, World
 from etl.store import Store, create_db_engine, database_errors
-from etl.sync import EXIT_CONFIG, EXIT_FAILED, EXIT_LOCKED
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -47,14 +46,8 @@ def _errors() -> Iterator[None]:
     """Map our exceptions to the contract's exit codes with one clear line on stderr."""
     try:
         yield
-    except ConfigError as exc:
-        _fail(exc.message, EXIT_CONFIG)
-    except LockHeld as exc:
-        _fail(f"{exc.message}; nothing was done", EXIT_LOCKED)
-    except FatalError as exc:
-        _fail(exc.message, EXIT_FAILED)
     except EtlError as exc:
-        _fail(exc.message, EXIT_FAILED)
+        _fail(exc.message, exc.exit_code)
 
 
 def _check_chatids(
@@ -173,7 +166,7 @@ def sync(obj: _Ctx, chatids: tuple[str, ...], migrate: bool) -> None:
         config = obj.load(need_api=True)
         result = monitored_sync(config, chatids=chatids or None, migrate_schema=migrate, stop=stop)
     click.echo(result.summary())
-    if result.exit_code == EXIT_FAILED:
+    if result.exit_code == ExitCode.FAILED:
         # cron mails stderr: the reason must be there, not only in the summary line.
         click.echo(f"dingtalk-etl: error: run failed: {result.error}", err=True)
     for failure in result.failures[:20]:
@@ -423,7 +416,7 @@ def simulate(
         else:
             world = World.from_scenario(scenario) if scenario else demo_world()
     except (OSError, ValueError) as exc:
-        _fail(str(exc), EXIT_CONFIG)
+        _fail(str(exc), ExitCode.CONFIG)
     if rate_limit is not None:
         world.rate_limit = rate_limit
     if latency_ms is not None:
@@ -433,7 +426,7 @@ def simulate(
     try:
         sim.start()
     except OSError as exc:
-        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_FAILED)
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", ExitCode.FAILED)
     memberships = sum(len(chat.useridlist) for chat in world.chats.values())
     click.echo(
         f"DingTalk simulator on {sim.base_url} ({len(world.chats)} chats, "
@@ -483,7 +476,6 @@ def demo(database: Path) -> None:
 
 # -- reports ----------------------------------------------------------------------------------
 
-EXIT_NO_ANSWER = 1
 TIME_HELP = (
     "ISO 8601: 2026-06-30, 2026-06 (a month), 2026-06-30T18:00, 2026-06-30T10:00:00Z, "
     "2026-06-30T18:00+08:00; without an offset read in [report] timezone."
@@ -544,7 +536,7 @@ def _report(
                 migrate.check_schema(engine)
             text = build(engine, tz)
         except reports.NoAnswer as exc:
-            _fail(exc.message, EXIT_NO_ANSWER)
+            _fail(exc.message, ExitCode.NO_ANSWER)
         finally:
             engine.dispose()
     if output is None:
@@ -553,7 +545,7 @@ def _report(
     try:
         write_text_atomic(output, text)
     except OSError as exc:
-        _fail(f"cannot write {output}: {exc.strerror or exc}", EXIT_FAILED)
+        _fail(f"cannot write {output}: {exc.strerror or exc}", ExitCode.FAILED)
     click.echo(f"wrote {output}", err=True)
 
 

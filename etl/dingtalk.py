@@ -30,6 +30,7 @@ from etl.errors import (
     FatalApiError,
     FatalError,
     PayloadError,
+    RequestFailed,
     RunInterrupted,
     TokenError,
     TransientError,
@@ -71,8 +72,7 @@ def classify(endpoint: str, status: int, body: bytes, headers: Mapping[str, str]
             throttled=status == 429,
         )
     if status >= 400:
-        cls = FatalApiError if endpoint == GETTOKEN else ChatError
-        raise cls(f"{endpoint}: HTTP {status}", http_status=status)
+        raise RequestFailed(f"{endpoint}: HTTP {status}", http_status=status)
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError):
@@ -83,7 +83,7 @@ def classify(endpoint: str, status: int, body: bytes, headers: Mapping[str, str]
     except RecursionError:
         # Deeper than the parser's stack. No proxy page looks like that and the next answer
         # would be the same: this chat fails, instead of the error escaping the worker.
-        raise ChatError(
+        raise RequestFailed(
             f"{endpoint}: answer is JSON nested too deeply to read", http_status=status
         ) from None
     if not isinstance(data, dict):
@@ -100,7 +100,7 @@ def classify(endpoint: str, status: int, body: bytes, headers: Mapping[str, str]
         raise TransientError(f"{endpoint}: answer has no errcode", http_status=status)
     errcode = data["errcode"]
     if type(errcode) is not int:
-        raise ChatError(f"{endpoint}: errcode is not an integer: {errcode!r}"[:200])
+        raise RequestFailed(f"{endpoint}: errcode is not an integer: {errcode!r}"[:200])
     if errcode == 0:
         return data
     errmsg = str(data.get("errmsg", ""))[:_ERRMSG_MAX]
@@ -125,7 +125,7 @@ def classify(endpoint: str, status: int, body: bytes, headers: Mapping[str, str]
         raise TokenError(message, errcode=errcode)
     if code in FATAL_ERRCODES:
         raise FatalApiError(message, errcode=errcode)
-    raise ChatError(message, errcode=errcode)
+    raise RequestFailed(message, errcode=errcode)
 
 
 def _reject_constant(name: str) -> None:
@@ -366,7 +366,12 @@ class DingTalkClient:
                     self.tokens.invalidate(token)
                     log.info("api.token_refresh", chatid=chatid, errcode=exc.errcode)
 
-        body = self._call(CHAT_GET, attempt, chatid=chatid)
+        try:
+            body = self._call(CHAT_GET, attempt, chatid=chatid)
+        except RequestFailed as exc:
+            # Chained to the root cause (the last transient failure, when retries ran out).
+            cause = exc.__cause__ or exc
+            raise ChatError(exc.message, errcode=exc.errcode, http_status=exc.http_status) from cause
         chat_info = body.get("chat_info")
         if chat_info is None:
             raise PayloadError("chat/get: answer has errcode 0 but no chat_info")
@@ -389,7 +394,7 @@ class DingTalkClient:
 
         try:
             body = self._call(GETTOKEN, attempt, chatid=None)
-        except ChatError as exc:
+        except RequestFailed as exc:
             # Without a token no chat can be read: that is the run's end, not one chat's.
             raise FatalApiError(
                 f"cannot get an access token: {exc.message}",
@@ -421,7 +426,7 @@ class DingTalkClient:
         try:
             return retrying(attempt)
         except TransientError as exc:
-            raise ChatError(
+            raise RequestFailed(
                 f"{exc.message} (gave up after {self._max_attempts} attempts)",
                 errcode=exc.errcode,
                 http_status=exc.http_status,
@@ -503,7 +508,7 @@ class DingTalkClient:
         for chunk in response.iter_content(chunk_size=64 * 1024):
             size += len(chunk)
             if size > self._max_bytes:
-                raise ChatError(
+                raise RequestFailed(
                     f"{endpoint}: answer larger than max_response_bytes ({self._max_bytes})",
                     http_status=response.status_code,
                 )

@@ -1,33 +1,68 @@
-"""Exception tree of dingtalk-etl, grouped by what the caller should do.
+"""Exception tree of dingtalk-etl, grouped by what the caller should do, and the exit codes.
 
 Bottom layer: imports nothing from the rest of the package except ``etl.redact``.
 
 ::
 
-    EtlError                      base; ``str()`` never contains a secret
-    ├── ConfigError               fix the configuration             exit 78
-    │   └── SchemaNotMigrated     run ``dingtalk-etl db upgrade``   exit 78
-    ├── LockHeld                  another sync runs; do nothing     exit 75
+    EtlError                      base; ``str()`` never contains a secret   exit 3
+    ├── ConfigError               fix the configuration                     exit 78
+    │   └── SchemaNotMigrated     run ``dingtalk-etl db upgrade``           exit 78
+    ├── LockBusy                  another sync runs; nothing was done       exit 75
     ├── TransientError            retry with backoff (-1, 90018, 5xx, 429, resets, non-JSON)
     ├── TokenError                refresh the access token once, then retry (40001/40014/42001)
+    ├── RequestFailed             this request cannot succeed; the caller says whose failure
     ├── ChatError                 record on the chat's run item, go on with the others
     │   └── PayloadError          chat_info failed validation (names the field)
-    └── FatalError                stop the run, call no more APIs   exit 3
-        ├── FatalApiError         43007, 70001, 40089, 90020, token refused twice
-        ├── DatabaseError         the database failed or is unreachable
+    └── FatalError                stop the run, call no more APIs           exit 3
+        ├── FatalApiError         43007, 70001, 40089, 90020, token refused twice, no token
+        ├── DatabaseFailure       the database failed or is unreachable
         └── RunInterrupted        SIGTERM/SIGINT or the run's time budget ran out
 
 ``ApiError`` is a mix-in carrying ``errcode`` and ``http_status`` for the API-facing classes.
-Transient errors that exhaust ``max_attempts`` become a ``ChatError`` for that chat.
+Transient errors that exhaust ``max_attempts`` become ``RequestFailed``, which the client turns
+into a ``ChatError`` for chat/get and a ``FatalApiError`` for gettoken.
+
+Exit codes are the contract's, in ``ExitCode``; an error's code is its class's ``exit_code``,
+and ``exit_code_for`` is the one mapping from any exception to a code.
 """
 
 from __future__ import annotations
 
+import enum
+from typing import ClassVar
+
 from etl.redact import redact
+
+
+class ExitCode(enum.IntEnum):
+    """The contract's exit codes; several meanings share 1."""
+
+    OK = 0
+    PARTIAL = 1  # `sync`: the run finished, some chats failed
+    UNHEALTHY = 1  # `status`: no success within --max-age, or none at all
+    NO_ANSWER = 1  # `report`: unknown chat or user, or a time before the first sync
+    USAGE = 2
+    FAILED = 3
+    LOCKED = 75
+    CONFIG = 78
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    """The exit code of a command that ends with ``exc``: its class's, else FAILED."""
+    return exc.exit_code if isinstance(exc, EtlError) else ExitCode.FAILED
+
+
+def describe_exception(exc: BaseException) -> str:
+    """A one-line reason without secrets, for any exception."""
+    if isinstance(exc, EtlError):
+        return exc.message
+    return redact(f"{type(exc).__name__}: {exc}")
 
 
 class EtlError(Exception):
     """Base of every error this package raises on purpose."""
+
+    exit_code: ClassVar[ExitCode] = ExitCode.FAILED
 
     def __init__(self, message: str) -> None:
         super().__init__(redact(message))
@@ -40,13 +75,17 @@ class EtlError(Exception):
 class ConfigError(EtlError):
     """The configuration (file, environment, options) is invalid; nothing was done."""
 
+    exit_code = ExitCode.CONFIG
+
 
 class SchemaNotMigrated(ConfigError):
     """The database schema is not at the head revision."""
 
 
-class LockHeld(EtlError):
-    """Another sync holds this database's lock."""
+class LockBusy(EtlError):
+    """Another sync holds this database's lock; nothing was done."""
+
+    exit_code = ExitCode.LOCKED
 
 
 class ApiError(EtlError):
@@ -81,6 +120,10 @@ class TokenError(ApiError):
     """The access token was refused; refresh it once and try again."""
 
 
+class RequestFailed(ApiError):
+    """This request cannot succeed (an unknown errcode, HTTP 4xx, retries used up)."""
+
+
 class ChatError(ApiError):
     """This chat cannot be synced in this run; the others go on."""
 
@@ -96,13 +139,8 @@ class FatalError(EtlError):
 class FatalApiError(FatalError, ApiError):
     """The API refused the app as a whole (permission, credentials, quota)."""
 
-    def __init__(
-        self, message: str, *, errcode: int | None = None, http_status: int | None = None
-    ) -> None:
-        ApiError.__init__(self, message, errcode=errcode, http_status=http_status)
 
-
-class DatabaseError(FatalError):
+class DatabaseFailure(FatalError):
     """The database failed; the chat in hand was rolled back."""
 
 

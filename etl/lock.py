@@ -6,7 +6,7 @@ kernel when the holder's connection or process dies, so no stale lock survives a
 
 The other side of that: a server-side lock also goes when only its session ends (an admin's
 ``pg_terminate_backend``, a failover, a firewall dropping an idle connection) while the process
-goes on. ``HeldLock.verify`` lets the holder find out, so it stops instead of writing unguarded.
+goes on. ``OwnedLock.verify`` lets the holder find out, so it stops instead of writing unguarded.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from etl.errors import DatabaseError, LockHeld
+from etl.errors import DatabaseFailure, LockBusy
 
 _NAME = "dingtalk-etl sync"
 # pg advisory locks take a signed 64-bit key; derive a fixed one from the lock's name.
@@ -37,12 +37,14 @@ _PG_HOLDS_LOCK = text(
 )
 
 
-def _held(what: str) -> LockHeld:
-    return LockHeld(f"another dingtalk-etl sync holds the lock on this database ({what})")
+def _held(what: str) -> LockBusy:
+    return LockBusy(
+        f"another dingtalk-etl sync holds the lock on this database ({what}); nothing was done"
+    )
 
 
-class HeldLock:
-    """The sync lock while it is held; ``verify`` raises ``DatabaseError`` once it is gone."""
+class OwnedLock:
+    """The sync lock while it is held; ``verify`` raises ``DatabaseFailure`` once it is gone."""
 
     def __init__(self, still_held: Callable[[], bool] | None = None) -> None:
         # None: a file lock, which only ends with the process holding it.
@@ -61,19 +63,19 @@ class HeldLock:
             if held:
                 return
             reason = "its database session was replaced"
-        raise DatabaseError(
+        raise DatabaseFailure(
             f"lost the sync lock: {reason}; stopped so that no other sync writes at the same time"
         )
 
 
 @contextmanager
-def run_lock(engine: Engine) -> Iterator[HeldLock]:
-    """Hold the database's sync lock for the duration of the block or raise ``LockHeld``."""
+def run_lock(engine: Engine) -> Iterator[OwnedLock]:
+    """Hold the database's sync lock for the duration of the block or raise ``LockBusy``."""
     dialect = engine.dialect.name
     if dialect == "sqlite":
         database = engine.url.database
         if not database or database == ":memory:":
-            yield HeldLock()  # a private in-memory database has no other writer
+            yield OwnedLock()  # a private in-memory database has no other writer
             return
         lock = filelock.FileLock(f"{database}.lock", timeout=0)
         try:
@@ -81,7 +83,7 @@ def run_lock(engine: Engine) -> Iterator[HeldLock]:
         except filelock.Timeout:
             raise _held(f"file lock {database}.lock") from None
         try:
-            yield HeldLock()
+            yield OwnedLock()
         finally:
             lock.release()
         return
@@ -93,7 +95,7 @@ def run_lock(engine: Engine) -> Iterator[HeldLock]:
                 raise _held("PostgreSQL advisory lock")
             release = text("SELECT pg_advisory_unlock(:k)")
             params: dict[str, object] = {"k": PG_LOCK_KEY}
-            held = HeldLock(
+            held = OwnedLock(
                 lambda: bool(
                     conn.execute(
                         _PG_HOLDS_LOCK, {"hi": _PG_KEY_BITS >> 32, "lo": _PG_KEY_BITS & 0xFFFF_FFFF}
@@ -109,7 +111,7 @@ def run_lock(engine: Engine) -> Iterator[HeldLock]:
                 raise _held("MySQL GET_LOCK")
             release = text("SELECT RELEASE_LOCK(:n)")
             params = {"n": name}
-            held = HeldLock(
+            held = OwnedLock(
                 lambda: (
                     conn.execute(text("SELECT IS_USED_LOCK(:n) = CONNECTION_ID()"), params).scalar()
                     == 1

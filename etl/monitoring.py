@@ -27,18 +27,17 @@ import structlog
 
 from etl import __version__, migrate
 from etl.config import Config
-from etl.errors import ConfigError, DatabaseError, EtlError, LockHeld
-from etl.output import plain
-from etl.redact import redact
-from etl.store import Store, create_db_engine, database_errors, utcnow
-from etl.sync import (
-    EXIT_CONFIG,
-    EXIT_FAILED,
-    EXIT_LOCKED,
-    EXIT_OK,
-    RunResult,
-    run_sync,
+from etl.errors import (
+    DatabaseFailure,
+    EtlError,
+    ExitCode,
+    LockBusy,
+    describe_exception,
+    exit_code_for,
 )
+from etl.output import plain
+from etl.store import Store, create_db_engine, database_errors, utcnow
+from etl.sync import RunResult, run_sync
 
 log = structlog.get_logger("etl.monitoring")
 
@@ -46,24 +45,7 @@ PING_TIMEOUT_SECONDS: Final = 5.0
 METRIC_PREFIX: Final = "dingtalk_etl_"
 # The statuses a finished run can end with; the status gauge has one series for each.
 FINAL_STATUSES: Final = ("succeeded", "partial", "failed")
-EXIT_UNHEALTHY: Final = 1  # `status`: no success within --max-age, or none at all
 _MAX_PING_BODY = 10_000  # bytes; healthchecks.io keeps up to 100 kB
-
-
-def exit_code_for(exc: BaseException) -> int:
-    """The contract's exit code for an exception that ended a run before it produced a result."""
-    if isinstance(exc, LockHeld):
-        return EXIT_LOCKED
-    if isinstance(exc, ConfigError):
-        return EXIT_CONFIG
-    return EXIT_FAILED
-
-
-def describe_exception(exc: BaseException) -> str:
-    """A one-line reason without secrets."""
-    if isinstance(exc, EtlError):
-        return exc.message
-    return redact(f"{type(exc).__name__}: {exc}")
 
 
 # -- durations --------------------------------------------------------------------------------
@@ -118,7 +100,7 @@ class HealthPinger:
         self._send("start", "")
 
     def finish(self, exit_code: int, body: str) -> None:
-        self._send("" if exit_code == EXIT_OK else "fail", body)
+        self._send("" if exit_code == ExitCode.OK else "fail", body)
 
     def _send(self, suffix: str, body: str) -> None:
         if not self.url:
@@ -309,7 +291,7 @@ def monitored_sync(
         result = run_sync(
             config, chatids=chatids, trigger=trigger, migrate_schema=migrate_schema, stop=stop
         )
-    except LockHeld:
+    except LockBusy:
         raise
     except Exception as exc:
         code = exit_code_for(exc)
@@ -325,7 +307,7 @@ def monitored_sync(
                 duration_seconds=(finished_at - started_at).total_seconds(),
                 chats_total=len(chatids) if chatids else len(config.chatids),
                 # A database that just failed is not asked again.
-                last_success_at=None if isinstance(exc, DatabaseError) else _last_success(config),
+                last_success_at=None if isinstance(exc, DatabaseFailure) else _last_success(config),
             )
             write_metrics(config.metrics_path, metrics)
         pinger.finish(code, f"exit {code}: {reason}\n")
@@ -395,7 +377,7 @@ class Health:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_OK if self.healthy else EXIT_UNHEALTHY
+        return ExitCode.OK if self.healthy else ExitCode.UNHEALTHY
 
     def verdict(self) -> str:
         age = self.success_age_seconds
@@ -473,7 +455,7 @@ def _when(value: object) -> str:
 def read_health(
     config: Config, *, max_age_seconds: int | None = None, now: dt.datetime | None = None
 ) -> Health:
-    """Read the run log. Raises ``SchemaNotMigrated`` and ``DatabaseError`` like the others."""
+    """Read the run log. Raises ``SchemaNotMigrated`` and ``DatabaseFailure`` like the others."""
     engine = create_db_engine(config.database_url)
     try:
         with database_errors("reading runs"):

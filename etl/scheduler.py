@@ -37,10 +37,16 @@ from apscheduler.triggers.base import BaseTrigger
 from etl import migrate
 from etl.config import SCHEDULE_TRIGGERS, Config
 from etl.crontab import cron_trigger
-from etl.errors import ConfigError, DatabaseError, LockHeld
-from etl.monitoring import describe_exception, exit_code_for, monitored_sync
+from etl.errors import (
+    ConfigError,
+    DatabaseFailure,
+    ExitCode,
+    LockBusy,
+    describe_exception,
+    exit_code_for,
+)
+from etl.monitoring import monitored_sync
 from etl.store import create_db_engine, database_errors, utcnow
-from etl.sync import EXIT_FAILED, EXIT_LOCKED, EXIT_OK
 
 log = structlog.get_logger("etl.scheduler")
 
@@ -200,7 +206,7 @@ class SyncScheduler:
                 reason="the previous run has not finished; this fire is skipped",
             )
         else:  # cannot happen: _fire catches everything
-            log.error("schedule.run_failed", exit_code=EXIT_FAILED, error=repr(event.exception))
+            log.error("schedule.run_failed", exit_code=ExitCode.FAILED, error=repr(event.exception))
 
     # -- one fire ---------------------------------------------------------------------------
 
@@ -217,10 +223,10 @@ class SyncScheduler:
     def _sync_once(self) -> None:
         try:
             result = monitored_sync(self.config, trigger="schedule", stop=self.stop)
-        except LockHeld:
+        except LockBusy:
             log.info(
                 "schedule.skipped_locked",
-                exit_code=EXIT_LOCKED,
+                exit_code=ExitCode.LOCKED,
                 reason="skipped, another instance holds the lock",
             )
         except Exception as exc:  # nothing a run does may stop the scheduler
@@ -230,7 +236,7 @@ class SyncScheduler:
                 run_id=None,
                 status=None,
                 error=describe_exception(exc),
-                exc_info=not isinstance(exc, ConfigError | DatabaseError),
+                exc_info=not isinstance(exc, ConfigError | DatabaseFailure),
             )
         else:
             fields = {
@@ -239,9 +245,9 @@ class SyncScheduler:
                 "status": result.status,
                 "error": result.error,
             }
-            if result.exit_code == EXIT_FAILED:
+            if result.exit_code == ExitCode.FAILED:
                 log.error("schedule.run_failed", **fields)
-            elif result.exit_code == EXIT_OK:
+            elif result.exit_code == ExitCode.OK:
                 log.info("schedule.run_done", **fields)
             else:
                 log.warning("schedule.run_done", **fields)
@@ -260,7 +266,7 @@ def _check_database(config: Config) -> None:
     try:
         with database_errors("checking the schema"):
             migrate.check_schema(engine)
-    except DatabaseError as exc:
+    except DatabaseFailure as exc:
         log.warning("schedule.database_unreachable", error=exc.message)
     finally:
         engine.dispose()

@@ -6,7 +6,7 @@ statements whatever its size: a read of the fingerprints, the changed chats' row
 members, then one bulk statement per kind of write. The common case, a chat whose
 fingerprint did not change, reads no members and costs its share of one update of
 ``last_synced_at``. Bulk inserts are ``COPY`` on PostgreSQL and multi-row statements
-elsewhere. SQLAlchemy and driver errors become ``DatabaseError`` here (``raise ... from``),
+elsewhere. SQLAlchemy and driver errors become ``DatabaseFailure`` here (``raise ... from``),
 passwords hidden.
 """
 
@@ -44,7 +44,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from etl.errors import DatabaseError
+from etl.errors import DatabaseFailure
 from etl.normalize import ATTRIBUTE_FIELDS, STATUS_DISMISSED, AttrValue, ChatRecord
 from etl.schema import chat_events, chat_members, chats, sync_run_items, sync_runs
 
@@ -92,11 +92,11 @@ def describe_db_error(exc: SQLAlchemyError) -> str:
 
 @contextmanager
 def database_errors(action: str) -> Iterator[None]:
-    """Convert SQLAlchemy exceptions raised in the block into ``DatabaseError``."""
+    """Convert SQLAlchemy exceptions raised in the block into ``DatabaseFailure``."""
     try:
         yield
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"database error while {action}: {describe_db_error(exc)}") from exc
+        raise DatabaseFailure(f"database error while {action}: {describe_db_error(exc)}") from exc
 
 
 def attr_text(value: AttrValue) -> str | None:
@@ -635,7 +635,9 @@ class Store:
                     changes.append(is_changed)
                 self._flush(conn, writes)
         except SQLAlchemyError as exc:
-            raise DatabaseError(f"database error while {doing}: {describe_db_error(exc)}") from exc
+            raise DatabaseFailure(
+                f"database error while {doing}: {describe_db_error(exc)}"
+            ) from exc
         return changes
 
     def _flush(self, conn: Connection, writes: _Writes) -> None:

@@ -25,19 +25,13 @@ import structlog
 from etl import migrate
 from etl.config import Config
 from etl.dingtalk import CallCounter, DingTalkClient, Pacer
-from etl.errors import ChatError, EtlError, FatalError, RunInterrupted
-from etl.lock import HeldLock, run_lock
+from etl.errors import ChatError, EtlError, ExitCode, FatalError, RunInterrupted
+from etl.lock import OwnedLock, run_lock
 from etl.normalize import ChatRecord, normalize_chat
 from etl.store import ChatOutcome, Store, create_db_engine, database_errors, utcnow
 
 log = structlog.get_logger("etl.sync")
 
-EXIT_OK: Final = 0
-EXIT_PARTIAL: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_FAILED: Final = 3
-EXIT_LOCKED: Final = 75
-EXIT_CONFIG: Final = 78
 # How often the writer confirms it still holds the sync lock (one cheap query each time).
 LOCK_CHECK_SECONDS: Final = 1.0
 # How long the writer waits for more fetched chats to share one transaction with.
@@ -73,12 +67,12 @@ class RunResult:
     failures: list[ChatFailure] = field(default_factory=list)
 
     @property
-    def exit_code(self) -> int:
+    def exit_code(self) -> ExitCode:
         if self.status == "succeeded":
-            return EXIT_OK
+            return ExitCode.OK
         if self.status == "partial":
-            return EXIT_PARTIAL
-        return EXIT_FAILED
+            return ExitCode.PARTIAL
+        return ExitCode.FAILED
 
     def summary(self) -> str:
         line = (
@@ -112,7 +106,7 @@ def run_sync(
 ) -> RunResult:
     """Run one sync over ``chatids`` (default: the configured ones).
 
-    Raises ``ConfigError`` (schema not migrated), ``LockHeld`` and ``DatabaseError`` before a
+    Raises ``ConfigError`` (schema not migrated), ``LockBusy`` and ``DatabaseFailure`` before a
     run row exists; once the run has started, problems are recorded on it and returned.
     """
     wanted = tuple(dict.fromkeys(chatids)) if chatids else config.chatids
@@ -141,11 +135,11 @@ class _Run:
         chatids: tuple[str, ...],
         trigger: str,
         stop: threading.Event | None,
-        lock: HeldLock | None = None,
+        lock: OwnedLock | None = None,
     ) -> None:
         self.config = config
         self.store = store
-        self.lock = lock or HeldLock()
+        self.lock = lock or OwnedLock()
         self.lock_checked = time.monotonic()
         self.chatids = chatids
         self.external_stop = stop or threading.Event()

@@ -27,7 +27,7 @@ from sqlalchemy.engine import URL
 
 from etl.cli import cli
 from etl.config import Config, parse_config
-from etl.errors import DatabaseError, LockHeld
+from etl.errors import DatabaseFailure, LockBusy
 from etl.lock import run_lock
 from etl.logs import configure_logging
 from etl.monitoring import HealthPinger, monitored_sync, write_atomically
@@ -206,7 +206,7 @@ def test_a_run_that_cannot_start_pings_fail_with_the_reason(
         tmp_path, DOWN_DB, simulator.base_url, ["chat-a"], healthcheck_url=pings.url
     )
 
-    with pytest.raises(DatabaseError):
+    with pytest.raises(DatabaseFailure):
         monitored_sync(config)
 
     assert pings.paths() == [f"/{CHECK}/start", f"/{CHECK}/fail"]
@@ -228,7 +228,7 @@ def test_a_sync_refused_by_the_lock_sends_no_outcome(
     )
     engine = create_db_engine(sqlite_url)
     try:
-        with run_lock(engine), pytest.raises(LockHeld):
+        with run_lock(engine), pytest.raises(LockBusy):
             monitored_sync(config)
     finally:
         engine.dispose()
@@ -491,7 +491,7 @@ def test_metrics_when_the_database_is_down(simulator: Simulator, tmp_path: Path)
         tmp_path, DOWN_DB, simulator.base_url, ["chat-a"], metrics_file="etl.prom"
     )
 
-    with pytest.raises(DatabaseError):
+    with pytest.raises(DatabaseFailure):
         monitored_sync(config)
     metrics = parse_metrics((tmp_path / "etl.prom").read_text(encoding="utf-8"))
 
