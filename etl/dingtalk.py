@@ -371,7 +371,8 @@ class DingTalkClient:
         except RequestFailed as exc:
             # Chained to the root cause (the last transient failure, when retries ran out).
             cause = exc.__cause__ or exc
-            raise ChatError(exc.message, errcode=exc.errcode, http_status=exc.http_status) from cause
+            errcode, http_status = exc.errcode, exc.http_status
+            raise ChatError(exc.message, errcode=errcode, http_status=http_status) from cause
         chat_info = body.get("chat_info")
         if chat_info is None:
             raise PayloadError("chat/get: answer has errcode 0 but no chat_info")
