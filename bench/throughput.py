@@ -96,7 +96,7 @@ def step_prepare(spec: dict[str, Any]) -> dict[str, Any]:
     from sqlalchemy.engine import make_url
 
     from etl import migrate
-    from etl.store import create_db_engine
+    from etl.db import create_db_engine
 
     for url in spec["urls"]:
         parsed = make_url(url)
@@ -157,9 +157,9 @@ def step_dropdb(spec: dict[str, Any]) -> dict[str, Any]:
 def step_sync(spec: dict[str, Any]) -> dict[str, Any]:
     from sqlalchemy import func, select
 
+    from etl.db import create_db_engine
     from etl.logs import configure_logging
     from etl.schema import chat_events
-    from etl.store import create_db_engine
     from etl.sync import run_sync
 
     configure_logging("WARNING", "json")
@@ -250,8 +250,8 @@ def step_write_floor(spec: dict[str, Any]) -> dict[str, Any]:
     time is the load's alone; the schema (keys, indexes) is the sync's."""
     from sqlalchemy.engine import make_url
 
+    from etl.db import create_db_engine
     from etl.schema import chat_events, chat_members, chats, sync_runs
-    from etl.store import create_db_engine
 
     tables = (sync_runs, chats, chat_members, chat_events)
     # Event ids are the database's to assign, as in the sync.

@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 
 from etl import __version__, migrate, reports
 from etl.config import Config, check_chatid, load_config, resolve_config_path
+from etl.db import database_errors, open_database, require_schema
 from etl.demo import demo_world, run_demo
 from etl.errors import EtlError, ExitCode
 from etl.lock import run_lock
@@ -31,7 +32,7 @@ from etl.output import plain, to_table, write_text_atomic
 from etl.report_html import FORMATS, render, render_audit
 from etl.scheduler import run_schedule
 from etl.simulator import Simulator, World
-from etl.store import Store, create_db_engine, database_errors
+from etl.store import Store
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -120,12 +121,12 @@ def db_upgrade(obj: _Ctx) -> None:
     """
     with _errors():
         config = obj.load(need_api=False)
-        engine = create_db_engine(config.database_url)
-        try:
-            with database_errors("migrating the schema"), run_lock(engine):
-                before, after = migrate.upgrade(engine)
-        finally:
-            engine.dispose()
+        with (
+            open_database(config) as engine,
+            database_errors("migrating the schema"),
+            run_lock(engine),
+        ):
+            before, after = migrate.upgrade(engine)
     if before == after:
         click.echo(f"{config.database_display}: schema already at revision {after}")
     else:
@@ -201,13 +202,9 @@ def runs(obj: _Ctx, limit: int, as_json: bool) -> None:
     """
     with _errors():
         config = obj.load(need_api=False)
-        engine = create_db_engine(config.database_url)
-        try:
-            with database_errors("reading runs"):
-                migrate.check_schema(engine)
+        with open_database(config) as engine:
+            require_schema(engine, "reading runs")
             rows = Store(engine).recent_runs(limit)
-        finally:
-            engine.dispose()
     if as_json:
         click.echo(json.dumps([{k: plain(v) for k, v in row.items()} for row in rows], indent=2))
         return
@@ -530,15 +527,12 @@ def _report(
     with _errors():
         config = obj.load(need_api=False)
         tz = ZoneInfo(config.report.timezone)
-        engine = create_db_engine(config.database_url)
-        try:
-            with database_errors("reading the database"):
-                migrate.check_schema(engine)
-            text = build(engine, tz)
-        except reports.NoAnswer as exc:
-            _fail(exc.message, ExitCode.NO_ANSWER)
-        finally:
-            engine.dispose()
+        with open_database(config) as engine:
+            require_schema(engine, "reading the database")
+            try:
+                text = build(engine, tz)
+            except reports.NoAnswer as exc:
+                _fail(exc.message, ExitCode.NO_ANSWER)
     if output is None:
         click.echo(text, nl=False)
         return

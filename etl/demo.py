@@ -13,12 +13,12 @@ from typing import Any
 
 from sqlalchemy import select
 
-from etl.config import parse_config
+from etl.config import Config, parse_config
+from etl.db import open_database
 from etl.logs import configure_logging
 from etl.output import to_table
 from etl.schema import chat_events, chat_members, chats, sync_run_items, sync_runs
 from etl.simulator import SimChat, Simulator, World
-from etl.store import create_db_engine
 from etl.sync import RunResult, run_sync
 
 DEMO_APP_KEY = "demo-key"
@@ -111,7 +111,7 @@ def run_demo(database: Path, *, echo: Callable[[str], Any]) -> None:
         echo("== First sync (schema created with --migrate) ==")
         first = run_sync(config, migrate_schema=True)
         _report_run(first, echo)
-        _show_tables(config.database_url, first, echo)
+        _show_tables(config, first, echo)
 
         echo("")
         echo("== The simulated world changes ==")
@@ -121,7 +121,7 @@ def run_demo(database: Path, *, echo: Callable[[str], Any]) -> None:
         echo("== Second sync ==")
         second = run_sync(config)
         _report_run(second, echo)
-        _show_events(config.database_url, second, echo)
+        _show_events(config, second, echo)
     echo("")
     echo(f"Explore it: sqlite3 {database} 'SELECT * FROM chat_events ORDER BY id DESC LIMIT 20'")
     echo("Next: cp config.example.toml config.toml, set your app and chatids, then")
@@ -134,74 +134,66 @@ def _report_run(result: RunResult, echo: Callable[[str], Any]) -> None:
         echo(f"  failed {failure.chatid}: {failure.error}")
 
 
-def _show_tables(url: Any, result: RunResult, echo: Callable[[str], Any]) -> None:
-    engine = create_db_engine(url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                select(
-                    chats.c.chatid,
-                    chats.c.name,
-                    chats.c.owner_userid,
-                    chats.c.status,
-                    chats.c.member_count,
-                    chats.c.validation_type,
-                    chats.c.dismissed_at,
-                ).order_by(chats.c.chatid)
-            ).mappings()
-            echo("\nchats:")
-            echo(to_table(list(rows)))
-            rows = conn.execute(
-                select(chat_members).order_by(chat_members.c.chatid, chat_members.c.userid).limit(5)
-            ).mappings()
-            echo("\nchat_members (first 5 of many):")
-            echo(to_table(list(rows)))
-            rows = conn.execute(select(chat_events).order_by(chat_events.c.id).limit(5)).mappings()
-            echo("\nchat_events (first 5; every member at discovery is a baseline member_joined):")
-            echo(to_table(list(rows)))
-            rows = conn.execute(
-                select(sync_run_items)
-                .where(sync_run_items.c.run_id == result.run_id)
-                .order_by(sync_run_items.c.status, sync_run_items.c.chatid)
-                .limit(4)
-            ).mappings()
-            echo("\nsync_run_items (failures first):")
-            echo(to_table(list(rows), width=50))
-    finally:
-        engine.dispose()
+def _show_tables(config: Config, result: RunResult, echo: Callable[[str], Any]) -> None:
+    with open_database(config) as engine, engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                chats.c.chatid,
+                chats.c.name,
+                chats.c.owner_userid,
+                chats.c.status,
+                chats.c.member_count,
+                chats.c.validation_type,
+                chats.c.dismissed_at,
+            ).order_by(chats.c.chatid)
+        ).mappings()
+        echo("\nchats:")
+        echo(to_table(list(rows)))
+        rows = conn.execute(
+            select(chat_members).order_by(chat_members.c.chatid, chat_members.c.userid).limit(5)
+        ).mappings()
+        echo("\nchat_members (first 5 of many):")
+        echo(to_table(list(rows)))
+        rows = conn.execute(select(chat_events).order_by(chat_events.c.id).limit(5)).mappings()
+        echo("\nchat_events (first 5; every member at discovery is a baseline member_joined):")
+        echo(to_table(list(rows)))
+        rows = conn.execute(
+            select(sync_run_items)
+            .where(sync_run_items.c.run_id == result.run_id)
+            .order_by(sync_run_items.c.status, sync_run_items.c.chatid)
+            .limit(4)
+        ).mappings()
+        echo("\nsync_run_items (failures first):")
+        echo(to_table(list(rows), width=50))
 
 
-def _show_events(url: Any, result: RunResult, echo: Callable[[str], Any]) -> None:
-    engine = create_db_engine(url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                select(
-                    chat_events.c.chatid,
-                    chat_events.c.event_type,
-                    chat_events.c.userid,
-                    chat_events.c.field,
-                    chat_events.c.old_value,
-                    chat_events.c.new_value,
-                )
-                .where(chat_events.c.run_id == result.run_id)
-                .order_by(chat_events.c.id)
-            ).mappings()
-            echo("\nchat_events written by this run:")
-            echo(to_table(list(rows)))
-            runs = conn.execute(
-                select(
-                    sync_runs.c.id,
-                    sync_runs.c.status,
-                    sync_runs.c.chats_total,
-                    sync_runs.c.chats_succeeded,
-                    sync_runs.c.chats_failed,
-                    sync_runs.c.chats_changed,
-                    sync_runs.c.api_calls,
-                    sync_runs.c.retries,
-                ).order_by(sync_runs.c.id)
-            ).mappings()
-            echo("\nsync_runs:")
-            echo(to_table(list(runs)))
-    finally:
-        engine.dispose()
+def _show_events(config: Config, result: RunResult, echo: Callable[[str], Any]) -> None:
+    with open_database(config) as engine, engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                chat_events.c.chatid,
+                chat_events.c.event_type,
+                chat_events.c.userid,
+                chat_events.c.field,
+                chat_events.c.old_value,
+                chat_events.c.new_value,
+            )
+            .where(chat_events.c.run_id == result.run_id)
+            .order_by(chat_events.c.id)
+        ).mappings()
+        echo("\nchat_events written by this run:")
+        echo(to_table(list(rows)))
+        runs = conn.execute(
+            select(
+                sync_runs.c.id,
+                sync_runs.c.status,
+                sync_runs.c.chats_total,
+                sync_runs.c.chats_succeeded,
+                sync_runs.c.chats_failed,
+                sync_runs.c.chats_changed,
+                sync_runs.c.api_calls,
+                sync_runs.c.retries,
+            ).order_by(sync_runs.c.id)
+        ).mappings()
+        echo("\nsync_runs:")
+        echo(to_table(list(runs)))

@@ -25,8 +25,9 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 import structlog
 
-from etl import __version__, migrate
+from etl import __version__
 from etl.config import Config
+from etl.db import open_database, require_schema, utcnow
 from etl.errors import (
     DatabaseFailure,
     EtlError,
@@ -36,7 +37,7 @@ from etl.errors import (
     exit_code_for,
 )
 from etl.output import plain
-from etl.store import Store, create_db_engine, database_errors, utcnow
+from etl.store import Store
 from etl.sync import RunResult, run_sync
 
 log = structlog.get_logger("etl.monitoring")
@@ -255,13 +256,11 @@ def write_metrics(path: Path, metrics: RunMetrics) -> None:
 
 def _last_success(config: Config) -> dt.datetime | None:
     """When the last succeeded run finished (epoch 0 if never); None if the database cannot say."""
-    engine = create_db_engine(config.database_url)
     try:
-        row = Store(engine).latest_run(status="succeeded")
+        with open_database(config) as engine:
+            row = Store(engine).latest_run(status="succeeded")
     except EtlError:
         return None
-    finally:
-        engine.dispose()
     if row is None:
         return _EPOCH
     finished = row["finished_at"]
@@ -456,10 +455,8 @@ def read_health(
     config: Config, *, max_age_seconds: int | None = None, now: dt.datetime | None = None
 ) -> Health:
     """Read the run log. Raises ``SchemaNotMigrated`` and ``DatabaseFailure`` like the others."""
-    engine = create_db_engine(config.database_url)
-    try:
-        with database_errors("reading runs"):
-            migrate.check_schema(engine)
+    with open_database(config) as engine:
+        require_schema(engine, "reading runs")
         store = Store(engine)
         latest = store.latest_run()
         last_run = store.latest_run(finished=True)
@@ -467,8 +464,6 @@ def read_health(
         failing: list[dict[str, Any]] = []
         if last_run is not None:
             failing = [i for i in store.run_items(last_run["id"]) if i["status"] == "failed"]
-    finally:
-        engine.dispose()
     running = latest if latest is not None and latest["status"] == "running" else None
     return Health(
         checked_at=now or utcnow(),

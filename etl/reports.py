@@ -37,10 +37,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.elements import ColumnElement
 
+from etl.db import database_errors, utcnow
 from etl.errors import EtlError
 from etl.normalize import STATUS_DISMISSED, STATUS_NORMAL
 from etl.schema import chat_events, chat_members, chats, sync_run_items, sync_runs
-from etl.store import database_errors, utcnow
 
 MEMBER_EVENTS: Final = ("member_joined", "member_left")
 STATUS_NAMES: Final = {STATUS_NORMAL: "normal", STATUS_DISMISSED: "dismissed"}

@@ -34,9 +34,9 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.base import BaseTrigger
 
-from etl import migrate
 from etl.config import SCHEDULE_TRIGGERS, Config
 from etl.crontab import cron_trigger
+from etl.db import open_database, require_schema, utcnow
 from etl.errors import (
     ConfigError,
     DatabaseFailure,
@@ -46,7 +46,6 @@ from etl.errors import (
     exit_code_for,
 )
 from etl.monitoring import monitored_sync
-from etl.store import create_db_engine, database_errors, utcnow
 
 log = structlog.get_logger("etl.scheduler")
 
@@ -262,14 +261,11 @@ class SyncScheduler:
 
 def _check_database(config: Config) -> None:
     """Refuse to start on an unmigrated schema; a database that is down is only logged."""
-    engine = create_db_engine(config.database_url)
     try:
-        with database_errors("checking the schema"):
-            migrate.check_schema(engine)
+        with open_database(config) as engine:
+            require_schema(engine, "checking the schema")
     except DatabaseFailure as exc:
         log.warning("schedule.database_unreachable", error=exc.message)
-    finally:
-        engine.dispose()
 
 
 @contextmanager

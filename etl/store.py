@@ -33,17 +33,15 @@ from sqlalchemy import (
     Text,
     bindparam,
     case,
-    create_engine,
-    event,
     insert,
     select,
     text,
 )
 from sqlalchemy import update as sa_update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from etl.db import database_errors, describe_db_error
 from etl.errors import DatabaseFailure
 from etl.normalize import ATTRIBUTE_FIELDS, STATUS_DISMISSED, AttrValue, ChatRecord
 from etl.schema import chat_events, chat_members, chats, sync_run_items, sync_runs
@@ -53,50 +51,6 @@ _T = TypeVar("_T")
 # Parameters per multi-row INSERT on SQLite (see _BulkInsert._insert_values).
 SQLITE_PARAMETERS = 4096
 RUN_STATUSES = ("running", "succeeded", "partial", "failed", "abandoned")
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def create_db_engine(url: URL | str, *, busy_timeout: float = 30.0) -> Engine:
-    """An engine with settings suited to a batch writer on each supported database."""
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    backend = make_url(url).get_backend_name()
-    if backend == "sqlite":
-        # Wait for another writer instead of failing at once ("database is locked").
-        kwargs["connect_args"] = {"timeout": busy_timeout}
-    engine = create_engine(url, **kwargs)
-    if backend == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
-    return engine
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cursor = dbapi_conn.cursor()
-    # WAL lets analysts read while a sync writes; foreign keys are off by default in SQLite.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA wal_autocheckpoint=16384")
-    cursor.close()
-
-
-def describe_db_error(exc: SQLAlchemyError) -> str:
-    """A one-line reason without the SQL text and parameters SQLAlchemy appends."""
-    orig = getattr(exc, "orig", None)
-    source: BaseException = orig if isinstance(orig, BaseException) else exc
-    first_line = (str(source).strip().splitlines() or [type(source).__name__])[0]
-    return f"{type(source).__name__}: {first_line}"[:500]
-
-
-@contextmanager
-def database_errors(action: str) -> Iterator[None]:
-    """Convert SQLAlchemy exceptions raised in the block into ``DatabaseFailure``."""
-    try:
-        yield
-    except SQLAlchemyError as exc:
-        raise DatabaseFailure(f"database error while {action}: {describe_db_error(exc)}") from exc
 
 
 def attr_text(value: AttrValue) -> str | None:

@@ -24,11 +24,12 @@ import structlog
 
 from etl import migrate
 from etl.config import Config
+from etl.db import database_errors, open_database, utcnow
 from etl.dingtalk import CallCounter, DingTalkClient, Pacer
 from etl.errors import ChatError, EtlError, ExitCode, FatalError, RunInterrupted
 from etl.lock import OwnedLock, run_lock
 from etl.normalize import ChatRecord, normalize_chat
-from etl.store import ChatOutcome, Store, create_db_engine, database_errors, utcnow
+from etl.store import ChatOutcome, Store
 
 log = structlog.get_logger("etl.sync")
 
@@ -110,8 +111,7 @@ def run_sync(
     run row exists; once the run has started, problems are recorded on it and returned.
     """
     wanted = tuple(dict.fromkeys(chatids)) if chatids else config.chatids
-    engine = create_db_engine(config.database_url, busy_timeout=config.busy_timeout_seconds)
-    try:
+    with open_database(config) as engine:
         with database_errors("connecting to the database"):
             if migrate_schema:
                 migrate.upgrade(engine)
@@ -123,8 +123,6 @@ def run_sync(
             Store(engine) as store,
         ):
             return _Run(config, store, wanted, trigger, stop, lock).execute()
-    finally:
-        engine.dispose()
 
 
 class _Run:

@@ -18,10 +18,10 @@ from sqlalchemy.engine import URL, make_url
 
 from etl import migrate
 from etl.config import Config, parse_config
+from etl.db import create_db_engine
 from etl.logs import configure_logging
 from etl.redact import forget_secrets
 from etl.simulator import SimChat, Simulator, World
-from etl.store import create_db_engine
 
 PG_ADMIN_URL = os.environ.get(
     "DINGTALK_ETL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

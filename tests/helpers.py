@@ -7,8 +7,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.engine import URL
 
+from etl.db import create_db_engine
 from etl.schema import chat_events, chat_members, chats, sync_run_items, sync_runs
-from etl.store import create_db_engine
 
 TABLES = {
     "chats": chats,

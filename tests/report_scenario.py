@@ -27,10 +27,10 @@ from sqlalchemy import select
 from sqlalchemy.engine import URL, Engine
 
 from etl.config import parse_config
+from etl.db import create_db_engine
 from etl.logs import configure_logging
 from etl.schema import chats
 from etl.simulator import SimChat, Simulator, World
-from etl.store import create_db_engine
 from etl.sync import run_sync
 from tests.conftest import APP_KEY, APP_SECRET, DATABASES, fresh_database, migrated
 

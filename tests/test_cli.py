@@ -20,10 +20,10 @@ from sqlalchemy.engine import URL
 
 from etl import __version__, migrate
 from etl.cli import cli
+from etl.db import create_db_engine
 from etl.lock import run_lock
 from etl.schema import sync_run_items, sync_runs
 from etl.simulator import Simulator, errmsg_for
-from etl.store import create_db_engine
 from tests.conftest import APP_KEY, APP_SECRET
 
 BIN = Path(sys.executable).parent

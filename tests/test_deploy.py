@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import URL
 
+from etl.db import create_db_engine
 from etl.lock import run_lock
 from etl.simulator import Simulator
-from etl.store import create_db_engine
 from tests.conftest import APP_KEY, APP_SECRET, IN_CI
 from tests.test_schedule import write_config
 

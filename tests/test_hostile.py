@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 from sqlalchemy import inspect
 from sqlalchemy.engine import URL
 
+from etl.db import create_db_engine
 from etl.dingtalk import classify
 from etl.errors import EtlError, PayloadError
 from etl.normalize import STATUS_DISMISSED, ChatRecord, normalize_chat
 from etl.simulator import SimChat, Simulator, World
-from etl.store import create_db_engine
 from etl.sync import run_sync
 from tests.conftest import APP_KEY, APP_SECRET, MakeConfig
 from tests.helpers import current_members, rows

@@ -8,8 +8,8 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import URL
 
 from etl import migrate
+from etl.db import create_db_engine
 from etl.schema import metadata
-from etl.store import create_db_engine
 
 TABLES = {"chats", "chat_members", "chat_events", "sync_runs", "sync_run_items"}
 

@@ -27,12 +27,12 @@ from sqlalchemy.engine import URL
 
 from etl.cli import cli
 from etl.config import Config, parse_config
+from etl.db import create_db_engine
 from etl.errors import DatabaseFailure, LockBusy
 from etl.lock import run_lock
 from etl.logs import configure_logging
 from etl.monitoring import HealthPinger, monitored_sync, write_atomically
 from etl.simulator import Simulator
-from etl.store import create_db_engine
 from etl.sync import run_sync
 from tests.conftest import APP_KEY, APP_SECRET
 from tests.helpers import rows

@@ -17,9 +17,9 @@ import pytest
 from sqlalchemy.engine import URL
 
 from etl import reports
+from etl.db import create_db_engine
 from etl.report_html import render, render_audit
 from etl.simulator import SimChat, Simulator, World
-from etl.store import create_db_engine
 from etl.sync import run_sync
 from tests.conftest import APP_KEY, APP_SECRET, IN_CI, MakeConfig
 from tests.report_scenario import Scenario, build_scenario

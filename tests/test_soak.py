@@ -17,10 +17,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import URL
 
+from etl.db import create_db_engine
 from etl.normalize import STATUS_DISMISSED
 from etl.schema import chat_events, chat_members, chats
 from etl.simulator import SimChat, Simulator, World
-from etl.store import create_db_engine
 from etl.sync import run_sync
 from tests.conftest import APP_KEY, APP_SECRET, MakeConfig
 from tests.faults.checks import audit_problems, world_problems

@@ -18,10 +18,10 @@ from sqlalchemy import insert
 from sqlalchemy.engine import URL
 
 from etl.cli import cli
+from etl.db import create_db_engine
 from etl.monitoring import format_duration, parse_duration
 from etl.schema import sync_run_items, sync_runs
 from etl.simulator import Simulator
-from etl.store import create_db_engine
 from tests.test_schedule import write_config
 
 HOUR = 3600.0

@@ -14,8 +14,8 @@ from sqlalchemy import bindparam, inspect, text
 from sqlalchemy.engine import URL, Engine
 
 from etl import migrate, reports
+from etl.db import create_db_engine
 from etl.schema import UTCDateTime
-from etl.store import create_db_engine
 from tests.report_scenario import MEMBERS, OWNERS, Scenario
 
 UTC = ZoneInfo("UTC")

@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.engine import URL
 
+from etl.db import create_db_engine
 from etl.simulator import SimChat, World
-from etl.store import create_db_engine
 from tests.conftest import APP_KEY, APP_SECRET
 from tests.helpers import ORDER, TABLES
 

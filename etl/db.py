@@ -1,0 +1,98 @@
+"""Opening the database: one way for every command, and SQLAlchemy's errors turned into ours.
+
+Knows SQLAlchemy and the ``[database]`` settings only. ``open_database`` gives a command an
+engine with the dialect's settings (SQLite's busy timeout, WAL and foreign keys) and disposes
+of it afterwards; ``database_errors`` is the one place where SQLAlchemy exceptions become
+``DatabaseFailure`` (``raise ... from``), with the driver's reason and no SQL or password.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from etl.errors import DatabaseFailure
+
+DEFAULT_BUSY_TIMEOUT_SECONDS = 30.0
+
+
+class DatabaseSettings(Protocol):
+    """What opening the database needs of the configuration (``etl.config.Config``)."""
+
+    @property
+    def database_url(self) -> URL: ...
+
+    @property
+    def busy_timeout_seconds(self) -> float: ...
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def create_db_engine(
+    url: URL | str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT_SECONDS
+) -> Engine:
+    """An engine with settings suited to a batch writer on each supported database."""
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        # Wait for another writer instead of failing at once ("database is locked").
+        kwargs["connect_args"] = {"timeout": busy_timeout}
+    engine = create_engine(url, **kwargs)
+    if backend == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+@contextmanager
+def open_database(settings: DatabaseSettings) -> Iterator[Engine]:
+    """The configured database's engine for the duration of the block, then disposed."""
+    engine = create_db_engine(settings.database_url, busy_timeout=settings.busy_timeout_seconds)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def require_schema(engine: Engine, action: str) -> None:
+    """Raise ``SchemaNotMigrated`` unless the schema is at head; ``action`` names the command's
+    work in the message of a database that cannot be reached."""
+    from etl import migrate  # Alembic only for the commands that read the schema
+
+    with database_errors(action):
+        migrate.check_schema(engine)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    # WAL lets analysts read while a sync writes; foreign keys are off by default in SQLite.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA wal_autocheckpoint=16384")
+    cursor.close()
+
+
+def describe_db_error(exc: SQLAlchemyError) -> str:
+    """A one-line reason without the SQL text and parameters SQLAlchemy appends."""
+    orig = getattr(exc, "orig", None)
+    source: BaseException = orig if isinstance(orig, BaseException) else exc
+    first_line = (str(source).strip().splitlines() or [type(source).__name__])[0]
+    return f"{type(source).__name__}: {first_line}"[:500]
+
+
+@contextmanager
+def database_errors(action: str) -> Iterator[None]:
+    """Convert SQLAlchemy exceptions raised in the block into ``DatabaseFailure``."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        reason = describe_db_error(exc)
+        raise DatabaseFailure(f"database error while {action}: {reason}") from exc
