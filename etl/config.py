@@ -34,6 +34,7 @@ from sqlalchemy.exc import ArgumentError
 
 from etl.crontab import check_crontab
 from etl.errors import ConfigError
+from etl.normalize import MAX_ID_LENGTH
 from etl.redact import register_secret
 
 DEFAULT_CONFIG_PATH = "config.toml"
@@ -52,7 +53,6 @@ _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 PositiveFloat = Annotated[float, Field(gt=0)]
 # The [schedule] keys that say when `dingtalk-etl schedule` runs; exactly one is needed.
 SCHEDULE_TRIGGERS = ("cron", "interval_minutes", "interval_seconds")
-MAX_CHATID_LENGTH = 128  # the width of the id columns
 
 
 def _list_to_tuple(value: object) -> object:
@@ -450,8 +450,8 @@ def check_chatid(chatid: str) -> str | None:
     """Why ``chatid`` (already stripped) cannot be a chatid, or None when it can."""
     if not chatid:
         return "empty chatid"
-    if len(chatid) > MAX_CHATID_LENGTH:
-        return f"chatid longer than {MAX_CHATID_LENGTH} characters"
+    if len(chatid) > MAX_ID_LENGTH:
+        return f"chatid longer than {MAX_ID_LENGTH} characters"
     if any(ord(char) < 32 or ord(char) == 127 for char in chatid):
         return "chatid contains a control character"
     return None

@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import math
-import os
 import re
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,7 +34,7 @@ from etl.errors import (
     describe_exception,
     exit_code_for,
 )
-from etl.output import plain
+from etl.output import plain, write_text_atomic
 from etl.store import Store
 from etl.sync import RunResult, run_sync
 
@@ -226,30 +224,11 @@ def _number(value: float) -> str:
     return repr(round(float(value), 6))
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text``: a temporary file in the same folder, then a rename.
-
-    Readers (node_exporter) see the old file or the new one, never a part. The temporary
-    name does not end in ``.prom``, so the textfile collector never reads it.
-    """
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)  # the collector usually runs as another user
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
 def write_metrics(path: Path, metrics: RunMetrics) -> None:
     """Write the metrics file; a failure is logged, never raised."""
     try:
-        write_atomically(path, render_metrics(metrics))
+        # The collector (node_exporter) usually runs as another user.
+        write_text_atomic(path, render_metrics(metrics), mode=0o644)
     except OSError as exc:
         log.error("monitoring.metrics_failed", path=str(path), error=exc.strerror or str(exc))
 

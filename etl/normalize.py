@@ -19,7 +19,7 @@ from etl.errors import PayloadError
 
 STATUS_NORMAL: Final = 1
 STATUS_DISMISSED: Final = 2
-MAX_ID_LENGTH: Final = 128  # the width of the id columns
+MAX_ID_LENGTH: Final = 128  # the width of the id columns (etl.schema), so the longest id kept
 # name and icon: MySQL's TEXT holds 65,535 bytes, 16,383 characters of four UTF-8 bytes. A
 # longer value would fail the write there, and a failed write stops the whole run.
 MAX_TEXT_LENGTH: Final = 16_000

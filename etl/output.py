@@ -1,8 +1,8 @@
 """Rendering rows for people and programs: aligned text tables, JSON and CSV.
 
 Pure functions over lists of dicts, plus ``write_text_atomic`` (the one I/O helper, for
-``--output FILE``). Datetimes render as ISO 8601 with their offset (UTC unless a report
-converted them).
+``--output FILE`` and the metrics file). Datetimes render as ISO 8601 with their offset (UTC
+unless a report converted them).
 """
 
 from __future__ import annotations
@@ -85,12 +85,13 @@ def to_csv(rows: Sequence[Mapping[Any, Any]], columns: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str, *, mode: int | None = None) -> None:
     """Write ``text`` (UTF-8) to ``path`` so that readers see the old file or the whole new one.
 
     A temporary file in the same folder is written, flushed to disk, then renamed over
-    ``path``; on failure it is removed and ``path`` is untouched. New files get the usual
-    permissions (0666 less the umask).
+    ``path``; on failure it is removed and ``path`` is untouched. The temporary name starts
+    with a dot and ends in ``.tmp``, so collectors that read ``*.prom`` never see it. New
+    files get ``mode`` if given, else the usual permissions (0666 less the umask).
     """
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -100,6 +101,8 @@ def write_text_atomic(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

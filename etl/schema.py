@@ -28,13 +28,14 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from etl.normalize import MAX_ID_LENGTH
+
 # Keys compared byte-for-byte on MySQL: DingTalk ids are case-sensitive.
 MYSQL_TABLE_ARGS: dict[str, Any] = {
     "mysql_charset": "utf8mb4",
     "mysql_collate": "utf8mb4_bin",
     "mysql_engine": "InnoDB",
 }
-ID_LENGTH = 128
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -73,7 +74,7 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 
 
 def _id(name: str, **kw: Any) -> Column[str]:
-    return Column(name, String(ID_LENGTH), **kw)
+    return Column(name, String(MAX_ID_LENGTH), **kw)
 
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; elsewhere events deserve 64 bits.

@@ -31,7 +31,8 @@ from etl.db import create_db_engine
 from etl.errors import DatabaseFailure, LockBusy
 from etl.lock import run_lock
 from etl.logs import configure_logging
-from etl.monitoring import HealthPinger, monitored_sync, write_atomically
+from etl.monitoring import HealthPinger, monitored_sync
+from etl.output import write_text_atomic
 from etl.simulator import Simulator
 from etl.sync import run_sync
 from tests.conftest import APP_KEY, APP_SECRET
@@ -521,7 +522,7 @@ def test_the_metrics_file_is_replaced_atomically(tmp_path: Path) -> None:
     path = tmp_path / "etl.prom"
     # Large, different texts: a reader seeing a half-written file would notice.
     texts = [f"# {i}\n" + "".join(f"metric_{i} {j}\n" for j in range(4000)) for i in range(40)]
-    write_atomically(path, texts[0])
+    write_text_atomic(path, texts[0])
     seen: set[str] = set()
     partial: list[int] = []
     done = threading.Event()
@@ -539,7 +540,7 @@ def test_the_metrics_file_is_replaced_atomically(tmp_path: Path) -> None:
     inodes = [path.stat().st_ino]
     try:
         for text in itertools.islice(texts, 1, None):
-            write_atomically(path, text)
+            write_text_atomic(path, text)
             inodes.append(path.stat().st_ino)
             time.sleep(0.002)
     finally:
