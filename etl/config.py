@@ -12,7 +12,7 @@ import os
 import stat
 import tomllib
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -269,25 +269,8 @@ def parse_config(
     secret = dingtalk.get("app_secret") if isinstance(dingtalk, dict) else None
     register_secret(secret if isinstance(secret, str) else None)
 
-    # Validate; on errors drop the offending keys and validate again, so that the checks below
-    # still run on the rest and the operator gets every problem in one message.
     problems: list[str] = []
-    bad: set[tuple[str, ...]] = set()
-    model: _FileModel | None = None
-    data = raw
-    while model is None:
-        try:
-            model = _FileModel.model_validate(data)
-        except ValidationError as exc:
-            errors = exc.errors()
-            new_bad = {tuple(str(part) for part in err["loc"][:2]) for err in errors} - bad
-            for description in (_describe(err, overrides) for err in errors):
-                if description not in problems:
-                    problems.append(description)
-            if not new_bad:  # cannot happen: each pass removes what failed
-                raise _config_error(path, problems) from None
-            bad |= new_bad
-            data = _without(raw, bad)
+    model, bad = _validate(raw, overrides, path, problems)
 
     def ok(section: str, *keys: str) -> bool:
         return (section,) not in bad and not any((section, key) in bad for key in keys)
@@ -302,14 +285,7 @@ def parse_config(
         _check_base_url(model.dingtalk, problems)
     chatids: tuple[str, ...] = ()
     if need_api:
-        if not model.dingtalk.app_key and ok("dingtalk", "app_key"):
-            problems.append(f"[dingtalk] app_key: missing (set it in the file or ${ENV_APP_KEY})")
-        if (
-            model.dingtalk.app_secret is None or not model.dingtalk.app_secret.get_secret_value()
-        ) and ok("dingtalk", "app_secret"):
-            problems.append(
-                f"[dingtalk] app_secret: missing (set it in the file or ${ENV_APP_SECRET})"
-            )
+        _check_credentials(model.dingtalk, ok, problems)
         chatids = _collect_chatids(
             model.sync, base, problems, report_empty=ok("sync", "chatids", "chatids_file")
         )
@@ -340,6 +316,44 @@ def parse_config(
         report=model.report,
         busy_timeout_seconds=model.database.busy_timeout_seconds,
     )
+
+
+def _validate(
+    raw: dict[str, Any],
+    overrides: Mapping[tuple[str, str], str],
+    path: Path,
+    problems: list[str],
+) -> tuple[_FileModel, set[tuple[str, ...]]]:
+    """The validated file and the sections and keys that failed (their problems added).
+
+    On errors the offending keys are dropped and the rest validated again, so that the
+    checks after this one still run and the operator gets every problem in one message.
+    """
+    bad: set[tuple[str, ...]] = set()
+    data = raw
+    while True:
+        try:
+            return _FileModel.model_validate(data), bad
+        except ValidationError as exc:
+            errors = exc.errors()
+            new_bad = {tuple(str(part) for part in err["loc"][:2]) for err in errors} - bad
+            for description in (_describe(err, overrides) for err in errors):
+                if description not in problems:
+                    problems.append(description)
+            if not new_bad:  # cannot happen: each pass removes what failed
+                raise _config_error(path, problems) from None
+            bad |= new_bad
+            data = _without(raw, bad)
+
+
+def _check_credentials(
+    settings: DingTalkSettings, ok: Callable[..., bool], problems: list[str]
+) -> None:
+    if not settings.app_key and ok("dingtalk", "app_key"):
+        problems.append(f"[dingtalk] app_key: missing (set it in the file or ${ENV_APP_KEY})")
+    secret = settings.app_secret
+    if (secret is None or not secret.get_secret_value()) and ok("dingtalk", "app_secret"):
+        problems.append(f"[dingtalk] app_secret: missing (set it in the file or ${ENV_APP_SECRET})")
 
 
 def _without(raw: Mapping[str, Any], bad: set[tuple[str, ...]]) -> dict[str, Any]:

@@ -73,6 +73,13 @@ def classify(endpoint: str, status: int, body: bytes, headers: Mapping[str, str]
         )
     if status >= 400:
         raise RequestFailed(f"{endpoint}: HTTP {status}", http_status=status)
+    data = _json_object(endpoint, status, body)
+    _check_errcode(endpoint, data)
+    return data
+
+
+def _json_object(endpoint: str, status: int, body: bytes) -> dict[str, Any]:
+    """The body as a JSON object with an integer ``errcode``, or what to do instead."""
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError):
@@ -82,7 +89,7 @@ def classify(endpoint: str, status: int, body: bytes, headers: Mapping[str, str]
         ) from None
     except RecursionError:
         # Deeper than the parser's stack. No proxy page looks like that and the next answer
-        # would be the same: this chat fails, instead of the error escaping the worker.
+        # would be the same: this request fails, instead of the error escaping the worker.
         raise RequestFailed(
             f"{endpoint}: answer is JSON nested too deeply to read", http_status=status
         ) from None
@@ -101,8 +108,14 @@ def classify(endpoint: str, status: int, body: bytes, headers: Mapping[str, str]
     errcode = data["errcode"]
     if type(errcode) is not int:
         raise RequestFailed(f"{endpoint}: errcode is not an integer: {errcode!r}"[:200])
+    return data
+
+
+def _check_errcode(endpoint: str, data: Mapping[str, Any]) -> None:
+    """Return if ``errcode`` is 0, else raise the class its code calls for."""
+    errcode: int = data["errcode"]
     if errcode == 0:
-        return data
+        return
     errmsg = str(data.get("errmsg", ""))[:_ERRMSG_MAX]
     code = errcode
     if errcode == 88:
