@@ -96,7 +96,7 @@ def normalize_chat(chatid: str, chat_info: object) -> ChatRecord:
         attrs[column] = value
     owner = attrs["owner_userid"]
     assert isinstance(owner, str)
-    _check_id(owner, "chat_info.owner")
+    check_id(owner, "chat_info.owner")
 
     for key, column in _INT_FLAGS.items():
         attrs[column] = _optional_int(chat_info, key)
@@ -159,7 +159,7 @@ def _members(value: object, present: bool, status: int) -> frozenset[str] | None
             raise PayloadError(
                 f"chat_info.useridlist[{index}]: expected a string, got {_type_name(userid)}"
             )
-        _check_id(userid, f"chat_info.useridlist[{index}]")
+        check_id(userid, f"chat_info.useridlist[{index}]")
     return frozenset(value)
 
 
@@ -175,7 +175,7 @@ def _optional_int(chat_info: Mapping[str, Any], key: str) -> int | None:
     return value
 
 
-def _check_id(value: str, where: str) -> None:
+def check_id(value: str, where: str) -> None:
     if not value:
         raise PayloadError(f"{where}: empty id")
     if len(value) > MAX_ID_LENGTH:
@@ -191,7 +191,7 @@ def _check_id(value: str, where: str) -> None:
 
 
 def _valid_ids(items: list[Any]) -> bool:
-    """Whether every item is a str that ``_check_id`` accepts."""
+    """Whether every item is a str that ``check_id`` accepts."""
     if not items:
         return True
     if set(map(type, items)) != {str}:

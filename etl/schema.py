@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -156,7 +157,16 @@ chat_events = Table(
     Column("old_value", Text),
     Column("new_value", Text),
     Column("is_baseline", Boolean, nullable=False, default=False),
+    # 'poll' (a sync saw the change) or 'event' (DingTalk pushed it).
+    Column("source", String(8), nullable=False, server_default=text("'poll'")),
+    # DingTalk's time of the change for an event row, observed_at for a poll row.
+    Column("occurred_at", UTCDateTime(), nullable=False),
+    _id("operator_userid"),
+    _id("event_id"),
     Index("ix_chat_events_chatid_observed_at", "chatid", "observed_at"),
+    Index("ix_chat_events_chatid_occurred_at", "chatid", "occurred_at"),
+    Index("ix_chat_events_chatid_userid_occurred_at", "chatid", "userid", "occurred_at"),
+    Index("ix_chat_events_event_id", "event_id"),
     Index("ix_chat_events_userid_observed_at", "userid", "observed_at"),
     Index("ix_chat_events_observed_at", "observed_at"),
     Index("ix_chat_events_run_id", "run_id"),
@@ -181,5 +191,55 @@ sync_run_items = Table(
     Column("duration_ms", Integer, nullable=False, default=0),
     PrimaryKeyConstraint("run_id", "chatid", name="pk_sync_run_items"),
     Index("ix_sync_run_items_chatid", "chatid"),
+    **MYSQL_TABLE_ARGS,
+)
+
+pushed_events = Table(
+    "pushed_events",
+    metadata,
+    _id("event_id", primary_key=True),
+    Column("event_type", String(64), nullable=False),
+    _id("chatid"),
+    Column("occurred_at", UTCDateTime(), nullable=False),
+    Column("received_at", UTCDateTime(), nullable=False),
+    _id("operator_userid"),
+    Column("payload", JSON, nullable=False),
+    # recorded, already_recorded, unknown_chat, discovered, invalid
+    Column("outcome", String(16), nullable=False),
+    # When a reconcile of its chat read the chat after it: NULL while it waits for one.
+    Column("reconciled_at", UTCDateTime()),
+    Index("ix_pushed_events_chatid", "chatid"),
+    Index("ix_pushed_events_received_at", "received_at"),
+    Index("ix_pushed_events_outcome", "outcome"),
+    **MYSQL_TABLE_ARGS,
+)
+
+discovered_chats = Table(
+    "discovered_chats",
+    metadata,
+    _id("chatid", primary_key=True),
+    Column("discovered_at", UTCDateTime(), nullable=False),
+    _id("event_id"),
+    **MYSQL_TABLE_ARGS,
+)
+
+event_listeners = Table(
+    "event_listeners",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("hostname", String(255)),
+    Column("pid", Integer),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("stopped_at", UTCDateTime()),
+    Column("connected", Boolean, nullable=False),
+    Column("connected_since", UTCDateTime()),
+    Column("last_frame_at", UTCDateTime()),
+    Column("last_event_at", UTCDateTime()),
+    Column("events_received", Integer, nullable=False),
+    Column("events_ignored", Integer, nullable=False),
+    Column("reconnects", Integer, nullable=False),
+    Column("error", Text),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Index("ix_event_listeners_updated_at", "updated_at"),
     **MYSQL_TABLE_ARGS,
 )
