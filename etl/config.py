@@ -152,6 +152,19 @@ class ReportSettings(_Section):
     timezone: Annotated[str, AfterValidator(_check_timezone)] = "UTC"
 
 
+class EventsSettings(_Section):
+    # `schedule` also listens; `listen` always does.
+    enabled: bool = False
+    # POST {gateway_url}/v1.0/gateway/connections/open opens a Stream-mode connection.
+    gateway_url: str = "https://api.dingtalk.com"
+    # A chat with events is re-read this long after its last event: a burst costs one call.
+    reconcile_delay_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # An event for a chat outside the synced set adds it (discovered_chats).
+    discover_chats: bool = False
+    # No frame at all (pings included) for this long: the connection is dead, reconnect.
+    silence_timeout_seconds: PositiveFloat = 90.0
+
+
 class _FileModel(_Section):
     dingtalk: DingTalkSettings = Field(default_factory=DingTalkSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
@@ -160,6 +173,7 @@ class _FileModel(_Section):
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     report: ReportSettings = Field(default_factory=ReportSettings)
+    events: EventsSettings = Field(default_factory=EventsSettings)
 
 
 @dataclass(frozen=True)
@@ -176,6 +190,7 @@ class Config:
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     metrics_path: Path | None = None  # [monitoring] metrics_file, resolved
     report: ReportSettings = field(default_factory=ReportSettings)
+    events: EventsSettings = field(default_factory=EventsSettings)
     # Not the whole [database] section: its url holds the password, and this repr must not.
     busy_timeout_seconds: float = 30.0  # [database] busy_timeout_seconds
 
@@ -281,8 +296,23 @@ def parse_config(
         db_url = _database_url(
             model.database.url, base, from_env=("database", "url") in overrides, problems=problems
         )
+    insecure = model.dingtalk.allow_insecure_http
     if ok("dingtalk", "base_url", "allow_insecure_http"):
-        _check_base_url(model.dingtalk, problems)
+        _check_base_url(
+            "[dingtalk] base_url",
+            model.dingtalk.base_url,
+            "https://oapi.dingtalk.com",
+            insecure,
+            problems,
+        )
+    if ok("events", "gateway_url") and ok("dingtalk", "allow_insecure_http"):
+        _check_base_url(
+            "[events] gateway_url",
+            model.events.gateway_url,
+            "https://api.dingtalk.com",
+            insecure,
+            problems,
+        )
     chatids: tuple[str, ...] = ()
     if need_api:
         _check_credentials(model.dingtalk, ok, problems)
@@ -314,6 +344,7 @@ def parse_config(
         monitoring=model.monitoring,
         metrics_path=metrics_path,
         report=model.report,
+        events=model.events,
         busy_timeout_seconds=model.database.busy_timeout_seconds,
     )
 
@@ -440,23 +471,28 @@ def _database_url(raw: str, base: Path, *, from_env: bool, problems: list[str]) 
     return url
 
 
-def _check_base_url(settings: DingTalkSettings, problems: list[str]) -> None:
-    parts = urlsplit(settings.base_url)
+def _check_base_url(
+    key: str, url: str, example: str, allow_insecure_http: bool, problems: list[str]
+) -> None:
+    """``url`` (the setting ``key``) is https, or http to a loopback host, or allowed."""
+    switch = (
+        "allow_insecure_http"
+        if key.startswith("[dingtalk]")
+        else ("[dingtalk] allow_insecure_http")
+    )
+    parts = urlsplit(url)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
-        problems.append(
-            f"[dingtalk] base_url: must be an http(s) URL such as https://oapi.dingtalk.com "
-            f"(got {settings.base_url!r})"
-        )
+        problems.append(f"{key}: must be an http(s) URL such as {example} (got {url!r})")
         return
     if (
         parts.scheme == "http"
         and parts.hostname not in _LOOPBACK_HOSTS
         and not parts.hostname.startswith("127.")
-        and not settings.allow_insecure_http
+        and not allow_insecure_http
     ):
         problems.append(
-            "[dingtalk] base_url: plain http:// to a non-loopback host would expose the app "
-            "secret; use https:// or set allow_insecure_http = true"
+            f"{key}: plain http:// to a non-loopback host would expose the app "
+            f"secret; use https:// or set {switch} = true"
         )
 
 
