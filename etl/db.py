@@ -13,13 +13,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from etl.errors import DatabaseFailure
 
 DEFAULT_BUSY_TIMEOUT_SECONDS = 30.0
+# Execution option of a connection that writes: its transactions begin IMMEDIATE on SQLite.
+_WRITER_OPTION = "dingtalk_etl_writer"
 
 
 class DatabaseSettings(Protocol):
@@ -48,6 +50,7 @@ def create_db_engine(
     engine = create_engine(url, **kwargs)
     if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
@@ -78,6 +81,30 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA wal_autocheckpoint=16384")
     cursor.close()
+    # Transactions are begun by _sqlite_begin, not by the driver: the driver's own BEGIN
+    # comes only before the first write, so a transaction's reads could see an older state
+    # than its writes replace.
+    dbapi_conn.isolation_level = None
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # A writer takes the write lock at once (waiting up to the busy timeout for it): had it
+    # read first, another process's commit in between would end it with SQLITE_BUSY.
+    immediate = conn.get_execution_options().get(_WRITER_OPTION, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+@contextmanager
+def writing(engine: Engine) -> Iterator[Connection]:
+    """A write transaction, committed at the end of the block, rolled back on error.
+
+    On SQLite it holds the database's write lock from its first statement, so that what it
+    reads stays true until it commits; elsewhere writers lock the rows they decide on.
+    """
+    with engine.connect() as conn:
+        conn.execution_options(**{_WRITER_OPTION: True})
+        with conn.begin():
+            yield conn
 
 
 def describe_db_error(exc: SQLAlchemyError) -> str:

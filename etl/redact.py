@@ -2,7 +2,8 @@
 
 Bottom layer: no imports from the package. Secrets are registered as soon as they are known
 (app_secret and database password at config load, each access_token when it is issued) and
-``redact`` replaces them, and any ``access_token``/``appsecret`` query value, with ``***``.
+``redact`` replaces them, and any ``access_token``/``appsecret``/``ticket`` query value, with
+``***``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import threading
 
 _MASK = "***"
 # Query parameters that carry credentials in DingTalk URLs, whatever their value.
-_QUERY_SECRET = re.compile(r"(?i)\b(access_token|appsecret|app_secret)=([^&\s'\"]+)")
+_QUERY_SECRET = re.compile(r"(?i)\b(access_token|appsecret|app_secret|ticket)=([^&\s'\"]+)")
 _lock = threading.Lock()
 _secrets: frozenset[str] = frozenset()
 

@@ -1,0 +1,230 @@
+"""The SQL of pushed group events: ``pushed_events``, their ``chat_events`` rows, discovery.
+
+Knows SQL only. ``EventStore.record`` writes one event in one transaction: its
+``pushed_events`` row (what became of it) and the ``chat_events`` rows of the changes it
+describes, unless a poll already recorded them (``already_recorded``). A redelivered event id
+writes nothing. The reconcile that follows is the sync's (``etl.store``), which reads the
+chats whose events wait for one here (``waiting_chats``).
+
+The chat's ``chats`` row is locked first (``FOR UPDATE``; SQLite's writer lock), as the sync's
+writer locks it, so an event and a poll of the same chat never decide on each other's
+half-written rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, func, insert, select
+
+from etl.db import database_errors, writing
+from etl.events import (
+    ALREADY_RECORDED,
+    DISCOVERED,
+    INVALID,
+    RECORDED,
+    UNKNOWN_CHAT,
+    Change,
+    PushedEvent,
+)
+from etl.normalize import ATTRIBUTE_FIELDS
+from etl.schema import chat_events, chats, discovered_chats, pushed_events
+
+# Events a reconcile of their chat confirms (the others wait for nothing).
+RECONCILED_OUTCOMES = (RECORDED, ALREADY_RECORDED, DISCOVERED)
+MEMBER_EVENTS = ("member_joined", "member_left")
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What ``record`` did with an event: its outcome and how many ``chat_events`` rows."""
+
+    outcome: str
+    rows: int = 0
+
+
+class EventStore:
+    """SQL of pushed events for one database. One writer thread at a time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def discovered(self) -> set[str]:
+        """The chats that events added to the synced set."""
+        with database_errors("reading discovered chats"), self.engine.connect() as conn:
+            return set(conn.execute(select(discovered_chats.c.chatid)).scalars())
+
+    def waiting_chats(self) -> dict[str, dt.datetime]:
+        """Chats with events that wait for a reconcile, and when the last of them arrived."""
+        query = (
+            select(pushed_events.c.chatid, func.max(pushed_events.c.received_at))
+            .where(
+                pushed_events.c.reconciled_at.is_(None),
+                pushed_events.c.outcome.in_(RECONCILED_OUTCOMES),
+                pushed_events.c.chatid.is_not(None),
+            )
+            .group_by(pushed_events.c.chatid)
+        )
+        with (
+            database_errors("reading events waiting for a reconcile"),
+            self.engine.connect() as conn,
+        ):
+            return {chatid: at for chatid, at in conn.execute(query)}
+
+    def record(
+        self,
+        event: PushedEvent,
+        *,
+        received_at: dt.datetime,
+        synced: bool,
+        discover: bool,
+    ) -> Recorded | None:
+        """Write ``event`` and its changes in one transaction; None when its id is known.
+
+        ``synced``: whether its chat is in the synced set; ``discover``: whether an event for
+        another chat adds that chat to it.
+        """
+        doing = f"recording event {event.event_id}"
+        with database_errors(doing), writing(self.engine) as conn:
+            if _known(conn, event.event_id):
+                return None
+            if event.invalid is not None or event.chatid is None:
+                result = Recorded(INVALID)
+            elif not synced:
+                result = Recorded(UNKNOWN_CHAT)
+                if discover:
+                    _discover(conn, event.chatid, event.event_id, received_at)
+                    result = Recorded(DISCOVERED)
+            else:
+                result = _record_changes(conn, event, received_at)
+            conn.execute(
+                insert(pushed_events).values(
+                    event_id=event.event_id,
+                    event_type=event.event_type[:64],
+                    chatid=event.chatid,
+                    occurred_at=event.occurred_at,
+                    received_at=received_at,
+                    operator_userid=event.operator_userid,
+                    payload=dict(event.payload),
+                    outcome=result.outcome,
+                )
+            )
+            return result
+
+
+def _known(conn: Connection, event_id: str) -> bool:
+    query = select(pushed_events.c.event_id).where(pushed_events.c.event_id == event_id)
+    return conn.execute(query).first() is not None
+
+
+def _discover(conn: Connection, chatid: str, event_id: str, at: dt.datetime) -> None:
+    query = select(discovered_chats.c.chatid).where(discovered_chats.c.chatid == chatid)
+    if conn.execute(query).first() is None:
+        conn.execute(
+            insert(discovered_chats).values(chatid=chatid, discovered_at=at, event_id=event_id)
+        )
+
+
+def _record_changes(conn: Connection, event: PushedEvent, received_at: dt.datetime) -> Recorded:
+    assert event.chatid is not None
+    chatid = event.chatid
+    # Taken before anything is read: the sync's writer takes the same lock.
+    stored = conn.execute(
+        select(*(chats.c[name] for name in ATTRIBUTE_FIELDS))
+        .where(chats.c.chatid == chatid)
+        .with_for_update()
+    ).first()
+    rows: list[dict[str, Any]] = []
+    for change in event.changes:
+        if _already_recorded(conn, chatid, event.occurred_at, change):
+            continue
+        old_value = change.old_value
+        if change.field is not None and old_value is None:
+            old_value = _value_before(conn, chatid, change.field, event.occurred_at, stored)
+        rows.append(
+            {
+                "run_id": None,
+                "chatid": chatid,
+                "observed_at": received_at,
+                "event_type": change.event_type,
+                "userid": change.userid,
+                "field": change.field,
+                "old_value": old_value,
+                "new_value": change.new_value,
+                "is_baseline": False,
+                "source": "event",
+                "occurred_at": event.occurred_at,
+                "operator_userid": event.operator_userid,
+                "event_id": event.event_id,
+            }
+        )
+    if rows:
+        conn.execute(insert(chat_events), rows)
+        return Recorded(RECORDED, len(rows))
+    return Recorded(ALREADY_RECORDED)
+
+
+def _key(chatid: str, change: Change) -> Sequence[Any]:
+    """The conditions that select the log rows of the user or field ``change`` is about."""
+    if change.field is None:
+        return (
+            chat_events.c.chatid == chatid,
+            chat_events.c.userid == change.userid,
+            chat_events.c.event_type.in_(MEMBER_EVENTS),
+        )
+    return (
+        chat_events.c.chatid == chatid,
+        chat_events.c.field == change.field,
+        chat_events.c.event_type == "attribute_changed",
+    )
+
+
+def _already_recorded(conn: Connection, chatid: str, at: dt.datetime, change: Change) -> bool:
+    """Whether the next row about the same user or field after ``at`` is a poll row of the
+    same change: a sync saw it before DingTalk's event reached us."""
+    following = conn.execute(
+        select(chat_events.c.source, chat_events.c.event_type, chat_events.c.new_value)
+        .where(and_(*_key(chatid, change)), chat_events.c.occurred_at > at)
+        .order_by(chat_events.c.occurred_at, chat_events.c.id)
+        .limit(1)
+    ).first()
+    if following is None or following.source != "poll":
+        return False
+    if change.field is None:
+        return bool(following.event_type == change.event_type)
+    return bool(following.new_value == change.new_value)
+
+
+def _value_before(
+    conn: Connection, chatid: str, field: str, at: dt.datetime, stored: Any
+) -> str | None:
+    """The log's value of ``field`` just before ``at``: the last change's, else the chat's."""
+    previous = conn.execute(
+        select(chat_events.c.new_value)
+        .where(
+            chat_events.c.chatid == chatid,
+            chat_events.c.field == field,
+            chat_events.c.event_type == "attribute_changed",
+            chat_events.c.occurred_at <= at,
+        )
+        .order_by(chat_events.c.occurred_at.desc(), chat_events.c.id.desc())
+        .limit(1)
+    ).first()
+    if previous is not None:
+        return previous.new_value  # type: ignore[no-any-return]
+    if stored is None:
+        return None
+    value = stored._mapping[field]
+    return None if value is None else str(value)
+
+
+def mark_reconciled(conn: Connection, event_ids: Iterable[str], at: dt.datetime) -> None:
+    """Record that a reconcile read the chats of ``event_ids`` after them."""
+    ids = list(event_ids)
+    if ids:
+        conn.execute(
+            pushed_events.update().where(pushed_events.c.event_id.in_(ids)).values(reconciled_at=at)
+        )
