@@ -14,7 +14,9 @@ half-written rows.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+import os
+import socket
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +33,7 @@ from etl.events import (
     PushedEvent,
 )
 from etl.normalize import ATTRIBUTE_FIELDS
-from etl.schema import chat_events, chats, discovered_chats, pushed_events
+from etl.schema import chat_events, chats, discovered_chats, event_listeners, pushed_events
 
 # Events a reconcile of their chat confirms (the others wait for nothing).
 RECONCILED_OUTCOMES = (RECORDED, ALREADY_RECORDED, DISCOVERED)
@@ -228,3 +230,50 @@ def mark_reconciled(conn: Connection, event_ids: Iterable[str], at: dt.datetime)
         conn.execute(
             pushed_events.update().where(pushed_events.c.event_id.in_(ids)).values(reconciled_at=at)
         )
+
+
+class ListenerLog:
+    """The ``event_listeners`` row of a running ``listen``, and what ``status`` reads of it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def start(self, *, at: dt.datetime) -> int:
+        with database_errors("recording the listener"), self.engine.begin() as conn:
+            result = conn.execute(
+                insert(event_listeners).values(
+                    hostname=socket.gethostname()[:255],
+                    pid=os.getpid(),
+                    started_at=at,
+                    connected=False,
+                    events_received=0,
+                    events_ignored=0,
+                    reconnects=0,
+                    updated_at=at,
+                )
+            )
+            listener_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
+            assert isinstance(listener_id, int)
+            return listener_id
+
+    def update(self, listener_id: int, values: Mapping[str, Any]) -> None:
+        with database_errors("recording the listener's state"), self.engine.begin() as conn:
+            conn.execute(
+                event_listeners.update().where(event_listeners.c.id == listener_id).values(**values)
+            )
+
+    def latest(self) -> dict[str, Any] | None:
+        """The most recently updated listener's row."""
+        query = select(event_listeners).order_by(event_listeners.c.updated_at.desc()).limit(1)
+        with database_errors("reading the listener's state"), self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+            return dict(row) if row is not None else None
+
+    def waiting_events(self) -> int:
+        """Events of synced chats that wait for their chat's reconcile."""
+        query = select(func.count()).where(
+            pushed_events.c.reconciled_at.is_(None),
+            pushed_events.c.outcome.in_(RECONCILED_OUTCOMES),
+        )
+        with database_errors("counting events"), self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())

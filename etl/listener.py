@@ -1,0 +1,310 @@
+"""``dingtalk-etl listen``: a Stream connection kept alive, each group event stored, then ACKed.
+
+Orchestrates ``etl.stream`` (the connection), ``etl.events`` (what a frame says) and
+``etl.eventstore`` (the rows), and hands chats with new events to a ``Reconciler`` that re-reads
+them with chat/get ``[events] reconcile_delay_seconds`` after their last event.
+
+One thread reads frames and answers them in order. An event is ACKed SUCCESS only after its
+rows are committed; a write that fails is ACKed LATER, so DingTalk pushes it again. A frame
+that cannot be read is logged and, when it can be, ACKed; an event of another type is ACKed
+and counted. A dropped socket, a gateway that fails or ``silence_timeout_seconds`` without
+any frame mean a new connection, after a backoff with full jitter; a ``disconnect`` frame
+means a new connection first, then the old one is left. Bad credentials (exit 78) or a
+gateway that refuses the app (exit 3) stop the listener. Stopping (``stop`` set by SIGTERM or
+SIGINT) finishes the frame in hand and closes the socket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import structlog
+import tenacity
+from sqlalchemy import Engine
+
+from etl.config import Config
+from etl.db import utcnow
+from etl.errors import EtlError
+from etl.events import (
+    GROUP_EVENT_TYPES,
+    INVALID,
+    UNKNOWN_CHAT,
+    Frame,
+    FrameError,
+    ack,
+    ack_later,
+    ack_success,
+    parse_event,
+    parse_frame,
+)
+from etl.eventstore import EventStore, ListenerLog
+from etl.stream import StreamSocket, StreamUnavailable, open_connection
+
+log = structlog.get_logger("etl.listener")
+
+# How often the reading thread looks at the stop flag while no frame comes.
+_POLL_SECONDS: Final = 0.2
+# How often the listener's row (status) is brought up to date while nothing else changes it.
+HEARTBEAT_SECONDS: Final = 5.0
+_BACKOFF_BASE: Final = 0.5
+_BACKOFF_MAX: Final = 30.0
+
+
+@dataclasses.dataclass
+class ListenerStats:
+    """What ``status`` and the metrics file say about this listener."""
+
+    connected: bool = False
+    connected_since: Any = None
+    last_frame_at: Any = None
+    last_event_at: Any = None
+    events_received: int = 0
+    events_ignored: int = 0
+    reconnects: int = 0
+
+
+class Listener:
+    """One ``listen``: reads until ``stop`` is set; raises ``GatewayRefused`` (exit 78) or
+    ``GatewayForbidden`` (exit 3) when the gateway will not have this app."""
+
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        stop: threading.Event,
+        *,
+        on_event: Callable[[str], None] | None = None,
+        on_stats: Callable[[ListenerStats], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.settings = config.events
+        self.stop = stop
+        self.store = EventStore(engine)
+        self.log = ListenerLog(engine)
+        self.stats = ListenerStats()
+        # Called with the chatid of each event of a synced chat, once its rows are committed.
+        self._on_event = on_event or (lambda _chatid: None)
+        self._on_stats = on_stats or (lambda _stats: None)
+        self._synced = set(config.chatids)
+        self._listener_id: int | None = None
+        self._heartbeat = 0.0
+        self._backoff = tenacity.wait_random_exponential(multiplier=_BACKOFF_BASE, max=_BACKOFF_MAX)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._synced |= self.store.discovered()
+        self._listener_id = self.log.start(at=utcnow())
+        failures = 0
+        socket: StreamSocket | None = None
+        try:
+            while not self.stop.is_set():
+                if socket is None:
+                    try:
+                        socket = self._connect()
+                        failures = 0
+                    except StreamUnavailable as exc:
+                        failures += 1
+                        self._pause(failures, exc)
+                        continue
+                socket = self._read(socket)
+        finally:
+            if socket is not None:
+                socket.close()
+            self._disconnected(reason="stopped")
+            self._save(stopped_at=utcnow())
+
+    def _connect(self) -> StreamSocket:
+        ticket = open_connection(
+            self.settings.gateway_url,
+            self.config.app_key,
+            self.config.app_secret,
+            timeout=self.config.dingtalk.timeout_seconds,
+        )
+        socket = StreamSocket(ticket, open_timeout=self.config.dingtalk.timeout_seconds)
+        now = utcnow()
+        self.stats.connected, self.stats.connected_since = True, now
+        self.stats.last_frame_at = now
+        log.info("events.connected", gateway=self.settings.gateway_url)
+        self._save()
+        return socket
+
+    def _pause(self, failures: int, exc: EtlError) -> None:
+        """Wait before the next connection attempt (exponential, full jitter)."""
+        state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
+        state.attempt_number = failures
+        wait = float(self._backoff(state))
+        log.warning(
+            "events.reconnect_wait",
+            attempt=failures,
+            wait_seconds=round(wait, 3),
+            error=exc.message,
+        )
+        self.stop.wait(wait)
+
+    def _read(self, socket: StreamSocket) -> StreamSocket | None:
+        """Read ``socket`` until it fails, falls silent or is replaced; return what to read next."""
+        silence = self.settings.silence_timeout_seconds
+        last_frame = time.monotonic()
+        while not self.stop.is_set():
+            try:
+                text = socket.receive(timeout=_POLL_SECONDS)
+            except StreamUnavailable as exc:
+                self._lost(socket, exc.message)
+                return None
+            now = time.monotonic()
+            if text is None:
+                if now - last_frame > silence:
+                    self._lost(socket, f"no frame for {silence:g} s")
+                    return None
+                self._beat()
+                continue
+            last_frame = now
+            self.stats.last_frame_at = utcnow()
+            replacement = self._handle(socket, text)
+            if replacement is not None:
+                return replacement
+            self._beat()
+        return socket
+
+    def _lost(self, socket: StreamSocket, reason: str) -> None:
+        socket.close()
+        self.stats.reconnects += 1
+        self._disconnected(reason=reason)
+
+    def _disconnected(self, *, reason: str) -> None:
+        if self.stats.connected:
+            log.warning("events.disconnected", reason=reason)
+        self.stats.connected, self.stats.connected_since = False, None
+        self._save()
+
+    # -- one frame --------------------------------------------------------------------------
+
+    def _handle(self, socket: StreamSocket, text: str) -> StreamSocket | None:
+        """Answer one frame; return the new socket when the server asked us to move."""
+        try:
+            frame = parse_frame(text)
+        except FrameError as exc:
+            self._ignored("events.frame_unreadable", error=str(exc))
+            return None
+        if frame.type == "SYSTEM" and frame.topic == "disconnect":
+            return self._move(socket, frame)
+        if frame.type == "SYSTEM":
+            # Pings and whatever else: echo the data, as DingTalk's SDKs do.
+            self._answer(socket, frame, lambda mid: ack(mid, _json_object(frame.data)))
+            return None
+        if frame.type != "EVENT" or frame.event_type not in GROUP_EVENT_TYPES:
+            self._ignored("events.ignored", type=frame.type, event_type=frame.event_type)
+            self._answer(socket, frame, ack_success)
+            return None
+        self._answer(socket, frame, self._event(frame))
+        return None
+
+    def _event(self, frame: Frame) -> Callable[[str], str]:
+        """Store one group event; the ACK to send for it."""
+        received_at = utcnow()
+        try:
+            event = parse_event(frame, received_at)
+        except FrameError as exc:
+            self._ignored("events.frame_unreadable", error=str(exc))
+            return ack_success
+        synced = event.chatid is not None and event.chatid in self._synced
+        try:
+            recorded = self.store.record(
+                event,
+                received_at=received_at,
+                synced=synced,
+                discover=self.settings.discover_chats,
+            )
+        except EtlError as exc:
+            log.error("events.store_failed", event_id=event.event_id, error=exc.message)
+            return ack_later
+        self.stats.events_received += 1
+        self.stats.last_event_at = received_at
+        outcome = recorded.outcome if recorded is not None else "duplicate"
+        log.info(
+            "events.received",
+            event_id=event.event_id,
+            event_type=event.event_type,
+            chatid=event.chatid,
+            operator=event.operator_userid,
+            occurred_at=event.occurred_at.isoformat(),
+            outcome=outcome,
+            rows=recorded.rows if recorded is not None else 0,
+            invalid=event.invalid,
+        )
+        if recorded is not None and recorded.outcome in (INVALID, UNKNOWN_CHAT):
+            self.stats.events_ignored += 1
+        elif recorded is not None and event.chatid is not None:
+            self._synced.add(event.chatid)
+            self._on_event(event.chatid)
+        return ack_success
+
+    def _answer(self, socket: StreamSocket, frame: Frame, answer: Callable[[str], str]) -> None:
+        message_id = frame.message_id
+        if message_id is None:
+            return
+        try:
+            socket.send(answer(message_id))
+        except StreamUnavailable as exc:
+            # Not ACKed: DingTalk pushes it again, and the event id keeps it from counting twice.
+            log.warning("events.ack_failed", message_id=message_id, error=exc.message)
+
+    def _move(self, old: StreamSocket, frame: Frame) -> StreamSocket | None:
+        """The server is closing ``old``: open the new connection before leaving the old one."""
+        log.info("events.disconnect_requested")
+        self._answer(old, frame, lambda mid: ack(mid, {}))
+        try:
+            new = self._connect()
+        except StreamUnavailable as exc:
+            old.close()
+            self.stats.reconnects += 1
+            self._disconnected(reason=f"disconnect requested; reconnect failed: {exc.message}")
+            return None
+        # What the old connection still has in hand is read before it is left.
+        while True:
+            try:
+                text = old.receive(timeout=0)
+            except StreamUnavailable:
+                break
+            if text is None:
+                break
+            self._handle(old, text)
+        old.close()
+        self.stats.reconnects += 1
+        return new
+
+    def _ignored(self, event: str, **fields: Any) -> None:
+        self.stats.events_ignored += 1
+        log.warning(event, **fields)
+
+    # -- the listener's row -----------------------------------------------------------------
+
+    def _beat(self) -> None:
+        if time.monotonic() - self._heartbeat >= HEARTBEAT_SECONDS:
+            self._save()
+
+    def _save(self, **extra: Any) -> None:
+        """Bring the listener's row up to date; a database that fails is only logged."""
+        self._heartbeat = time.monotonic()
+        self._on_stats(self.stats)
+        if self._listener_id is None:
+            return
+        values = {**dataclasses.asdict(self.stats), "updated_at": utcnow(), **extra}
+        try:
+            self.log.update(self._listener_id, values)
+        except EtlError as exc:
+            log.warning("events.state_not_recorded", error=exc.message)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {"data": value}
