@@ -535,8 +535,6 @@ def _report(
             with database_errors("reading the database"):
                 migrate.check_schema(engine)
             text = build(engine, tz)
-        except reports.NoAnswer as exc:
-            _fail(exc.message, ExitCode.NO_ANSWER)
         finally:
             engine.dispose()
     if output is None:

@@ -10,8 +10,8 @@ chat at time T is the set of users whose latest member event at or before T is
 ``member_joined`` (baseline members included). Times are *observation* times: a change
 happened at or before the sync that saw it, after the sync before.
 
-A question the data cannot answer (an unknown chat or user, ``--as-of`` before a chat's first
-sync) raises ``NoAnswer``; the command line exits 1 on it.
+A question the data cannot answer (an unknown chat or user, a time before a chat's first
+sync) raises ``etl.errors.NoAnswer``, which carries what was asked.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.elements import ColumnElement
 
-from etl.errors import EtlError
+from etl.errors import NoAnswer
 from etl.normalize import STATUS_DISMISSED, STATUS_NORMAL
 from etl.schema import chat_events, chat_members, chats, sync_run_items, sync_runs
 from etl.store import database_errors, utcnow
@@ -69,10 +69,6 @@ BASELINE_NOTE: Final = (
     "joined_at is when a sync first saw the membership; baseline members (present at the "
     "chat's first sync) may have joined earlier."
 )
-
-
-class NoAnswer(EtlError):
-    """The data cannot answer the question (unknown chat or user, time before the first sync)."""
 
 
 # -- timestamps ---------------------------------------------------------------------------------
@@ -226,7 +222,10 @@ def members(
             raise NoAnswer(
                 f"chat {chatid!r} ({info['name']}) was first synced at "
                 f"{clock.text(info['first_seen_at'])}: its membership at {clock.text(at)} is "
-                "unknown (nothing is recorded before a chat's first sync)"
+                "unknown (nothing is recorded before a chat's first sync)",
+                chat=chatid,
+                as_of=at,
+                first_synced_at=info["first_seen_at"],
             )
         rows = conn.execute(members_at_query(chatid, at)).mappings().all()
         owner = _value_at(conn, chatid, "owner_userid", at, info["owner_userid"])
@@ -783,8 +782,12 @@ def _resolve_chat(conn: Connection, chat: str) -> Any:
     if len(named) == 1:
         return named[0]
     if len(named) > 1:
-        ids = ", ".join(sorted(r["chatid"] for r in named))
-        raise NoAnswer(f"{len(named)} chats are named {chat!r} ({ids}): give a chatid")
+        ids = sorted(r["chatid"] for r in named)
+        raise NoAnswer(
+            f"{len(named)} chats are named {chat!r} ({', '.join(ids)}): give a chatid",
+            chat=chat,
+            chatids=ids,
+        )
     attempt = conn.execute(
         select(sync_run_items.c.errcode, sync_run_items.c.error)
         .where(sync_run_items.c.chatid == chat)
@@ -794,11 +797,13 @@ def _resolve_chat(conn: Connection, chat: str) -> Any:
     if attempt is not None:
         raise NoAnswer(
             f"chat {chat!r} was never synced successfully (latest error: {attempt.error}); "
-            "see `dingtalk-etl report sync-health`"
+            "see `dingtalk-etl report sync-health`",
+            chat=chat,
         )
     raise NoAnswer(
         f"no chat {chat!r} in the database (neither a synced chatid nor a chat name); "
-        "`dingtalk-etl report chats` lists them"
+        "`dingtalk-etl report chats` lists them",
+        chat=chat,
     )
 
 
@@ -820,7 +825,7 @@ def _require_user(conn: Connection, userid: str) -> None:
         .limit(1)
     ).first()
     if seen is None:
-        raise NoAnswer(f"userid {userid!r} was never seen in any synced chat")
+        raise NoAnswer(f"userid {userid!r} was never seen in any synced chat", userid=userid)
 
 
 def _value_at(conn: Connection, chatid: str, column: str, at: dt.datetime, now: Any) -> Any:
