@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -670,13 +671,21 @@ def report_changes(
             audit = reports.audit(
                 engine, since=start, until=end, chats_filter=chats, userid=userid, tz=tz
             )
-            return render_audit(audit)
+            return render_audit(_with_chart_hint(audit))
         result = reports.changes(
             engine, since=start, until=end, chats_filter=chats, userid=userid, tz=tz
         )
         return render(result, fmt)
 
     _report(obj, fmt, output, build)
+
+
+def _with_chart_hint(audit: reports.AuditReport) -> reports.AuditReport:
+    """The audit, with a first note on how to chart the chats beyond its limit."""
+    if not audit.uncharted:
+        return audit
+    hint = f"charts for the first {reports.MAX_CHARTS} chats only; select chats with --chat"
+    return replace(audit, notes=[hint, *audit.notes])
 
 
 @report.command("user", context_settings=CONTEXT)

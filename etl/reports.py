@@ -1,8 +1,9 @@
 """Audit reports: the SQL that answers membership questions, and the shaping of its rows.
 
-Boundary: reads the synced tables (never writes), turns rows into ``Report`` objects whose
-times are shown in the report time zone. Knows SQL (SQLAlchemy Core, portable across SQLite,
-PostgreSQL and MySQL/MariaDB) and time zones; knows nothing of click or of output formats
+Boundary: reads the synced tables (never writes), returns ``Report`` and ``AuditReport``
+objects whose times are shown in the report time zone, and raises domain errors. Knows SQL
+(SQLAlchemy Core, portable across SQLite, PostgreSQL and MySQL/MariaDB) and time zones; knows
+nothing of the command line (click, option names, exit codes) or of output formats
 (``etl.output`` and ``etl.report_html`` render a ``Report``).
 
 Every answer is reconstructed from ``chat_events``, the append-only log: the membership of a
@@ -62,6 +63,7 @@ CHANGE_KINDS: Final = (
     "renamed",
     "setting_changed",
 )
+# The audit charts the first chats of its summary only; ``AuditReport.uncharted`` counts the rest.
 MAX_CHARTS: Final = 50
 _MAX_POINTS: Final = 400
 
@@ -82,7 +84,7 @@ EXAMPLES: Final = (
 
 @dataclass(frozen=True)
 class Timestamp:
-    """An ``--as-of``/``--since``/``--until`` value as given: a month, a day or an instant.
+    """A report time as given: a month, a day or an instant.
 
     A month or a day is a span: ``start`` is its first instant, ``end`` its last microsecond,
     in the report time zone. An instant without an offset is read in the report time zone.
@@ -133,8 +135,9 @@ def _last_microsecond(start: dt.datetime, following: dt.datetime | None) -> dt.d
 
 
 def check_window(since: dt.datetime | None, until: dt.datetime | None) -> None:
+    """A window that ends before it starts is the caller's mistake, not an empty answer."""
     if since is not None and until is not None and since > until:
-        raise ValueError("--since is after --until")
+        raise ValueError(f"the window starts at {since} after it ends at {until}")
 
 
 # -- reports ------------------------------------------------------------------------------------
@@ -175,7 +178,11 @@ class Report:
 
 @dataclass
 class AuditReport:
-    """The HTML audit: chat summary, changes in the window, member count by sync per chat."""
+    """The HTML audit: chat summary, changes in the window, member count by sync per chat.
+
+    ``series`` charts the first ``MAX_CHARTS`` chats of the summary; ``uncharted`` counts the
+    chats left without a chart.
+    """
 
     title: str
     window: str
@@ -185,6 +192,7 @@ class AuditReport:
     changes: Report
     series: list[MembershipSeries]
     notes: list[str] = field(default_factory=list)
+    uncharted: int = 0
 
 
 class _Clock:
@@ -698,7 +706,6 @@ def audit(
         chatids = [_resolve_chat(conn, chat)["chatid"] for chat in chats_filter]
     if not chatids:
         chatids = sorted({row["chatid"] for row in changed.rows})
-    notes: list[str] = []
     summary = chat_list(engine, tz=tz, chatids=chatids) if chatids else _empty_summary(tz)
     counts: dict[str, dict[str, int]] = {}
     for row in changed.rows:
@@ -724,8 +731,6 @@ def audit(
     )
     summary.title = f"Chats in this report: {len(summary.rows)}"
     charted = [row["chatid"] for row in summary.rows][:MAX_CHARTS]
-    if len(summary.rows) > MAX_CHARTS:
-        notes.append(f"charts for the first {MAX_CHARTS} chats only; select chats with --chat")
     with database_errors("reading membership history"), engine.connect() as conn:
         series = [_series(conn, _chat_row(conn, chatid), since, until, clock) for chatid in charted]
     return AuditReport(
@@ -736,7 +741,8 @@ def audit(
         summary=summary,
         changes=changed,
         series=series,
-        notes=notes + changed.notes,
+        notes=list(changed.notes),
+        uncharted=len(summary.rows) - len(charted),
     )
 
 
