@@ -71,6 +71,20 @@ BASELINE_NOTE: Final = (
     "joined_at is when a sync first saw the membership; baseline members (present at the "
     "chat's first sync) may have joined earlier."
 )
+# The audit's chat summary: ``chat_list`` columns with the changes counted in the window.
+SUMMARY_COLUMNS: Final = (
+    "chatid",
+    "name",
+    "status",
+    "owner_userid",
+    "member_count",
+    "joins",
+    "leaves",
+    "other_changes",
+    "last_synced_at",
+    "dismissed_at",
+    "risks",
+)
 
 
 # -- timestamps ---------------------------------------------------------------------------------
@@ -163,7 +177,7 @@ class MembershipSeries:
     dismissed_at: dt.datetime | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Report:
     """One answer: rows with named columns, times already in the report time zone."""
 
@@ -176,7 +190,7 @@ class Report:
     series: list[MembershipSeries] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AuditReport:
     """The HTML audit: chat summary, changes in the window, member count by sync per chat.
 
@@ -706,31 +720,16 @@ def audit(
         chatids = [_resolve_chat(conn, chat)["chatid"] for chat in chats_filter]
     if not chatids:
         chatids = sorted({row["chatid"] for row in changed.rows})
-    summary = chat_list(engine, tz=tz, chatids=chatids) if chatids else _empty_summary(tz)
-    counts: dict[str, dict[str, int]] = {}
-    for row in changed.rows:
-        kinds = counts.setdefault(row["chatid"], {})
-        kinds[row["change"]] = kinds.get(row["change"], 0) + 1
-    for row in summary.rows:
-        kinds = counts.get(row["chatid"], {})
-        row["joins"] = kinds.get("joined", 0)
-        row["leaves"] = kinds.get("left", 0)
-        row["other_changes"] = sum(n for k, n in kinds.items() if k not in ("joined", "left"))
-    summary.columns = (
-        "chatid",
-        "name",
-        "status",
-        "owner_userid",
-        "member_count",
-        "joins",
-        "leaves",
-        "other_changes",
-        "last_synced_at",
-        "dismissed_at",
-        "risks",
+    listed = chat_list(engine, tz=tz, chatids=chatids).rows if chatids else []
+    counts = _change_counts(changed.rows)
+    summary = Report(
+        name="chats",
+        title=f"Chats in this report: {len(listed)}",
+        columns=SUMMARY_COLUMNS,
+        rows=[{**row, **counts.get(row["chatid"], _NO_CHANGES)} for row in listed],
+        timezone=tz.key,
     )
-    summary.title = f"Chats in this report: {len(summary.rows)}"
-    charted = [row["chatid"] for row in summary.rows][:MAX_CHARTS]
+    charted = [row["chatid"] for row in listed][:MAX_CHARTS]
     with database_errors("reading membership history"), engine.connect() as conn:
         series = [_series(conn, _chat_row(conn, chatid), since, until, clock) for chatid in charted]
     return AuditReport(
@@ -742,12 +741,21 @@ def audit(
         changes=changed,
         series=series,
         notes=list(changed.notes),
-        uncharted=len(summary.rows) - len(charted),
+        uncharted=len(listed) - len(charted),
     )
 
 
-def _empty_summary(tz: ZoneInfo) -> Report:
-    return Report("chats", "Chats in this report: 0", ("chatid",), [], tz.key)
+_NO_CHANGES: Final = {"joins": 0, "leaves": 0, "other_changes": 0}
+
+
+def _change_counts(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per chatid, the ``changes`` rows counted as joins, leaves and other changes."""
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        tally = counts.setdefault(row["chatid"], dict(_NO_CHANGES))
+        key = {"joined": "joins", "left": "leaves"}.get(row["change"], "other_changes")
+        tally[key] += 1
+    return counts
 
 
 # -- helpers ------------------------------------------------------------------------------------
