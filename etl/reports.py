@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Final
 from zoneinfo import ZoneInfo
 
@@ -209,6 +210,16 @@ class AuditReport:
     uncharted: int = 0
 
 
+# A report's columns in order, each with how its cell is computed from a query row: the one
+# place where a report names its columns.
+_Cells = dict[str, Callable[[Any], Any]]
+
+
+def _shape(rows: Sequence[Any], cells: _Cells) -> tuple[tuple[str, ...], list[dict[str, Any]]]:
+    """The columns of a report and its rows, one per query row."""
+    return tuple(cells), [{column: cell(row) for column, cell in cells.items()} for row in rows]
+
+
 class _Clock:
     """Shows UTC datetimes in the report zone."""
 
@@ -253,16 +264,16 @@ def members(
         owner = _value_at(conn, chatid, "owner_userid", at, info["owner_userid"])
         status = _value_at(conn, chatid, "status", at, str(info["status"]))
         series = [_series(conn, info, None, at, clock)] if with_series else []
-    shaped = [
+    columns, shaped = _shape(
+        rows,
         {
-            "userid": row["userid"],
-            "joined_at": clock(row["joined_at"]),
-            "baseline": bool(row["is_baseline"]),
-            "left_at": clock(row["left_at"]),
-            "is_owner": row["userid"] == owner,
-        }
-        for row in rows
-    ]
+            "userid": itemgetter("userid"),
+            "joined_at": lambda row: clock(row["joined_at"]),
+            "baseline": lambda row: bool(row["is_baseline"]),
+            "left_at": lambda row: clock(row["left_at"]),
+            "is_owner": lambda row: row["userid"] == owner,
+        },
+    )
     when = "now" if as_of is None else f"as of {clock.text(as_of)}"
     notes = [BASELINE_NOTE]
     if status == str(STATUS_DISMISSED):
@@ -274,7 +285,7 @@ def members(
     return Report(
         name="members",
         title=f"Members of {chatid} ({info['name']}) {when}: {len(shaped)}",
-        columns=("userid", "joined_at", "baseline", "left_at", "is_owner"),
+        columns=columns,
         rows=shaped,
         timezone=tz.key,
         notes=notes,
@@ -341,22 +352,22 @@ def changes(
             _require_user(conn, userid)
         rows = conn.execute(_changes_query(since, until, chatids, userid)).mappings().all()
         discovered = conn.execute(_discovered_query(since, until, chatids)).scalars().all()
-    shaped = [
+    columns, shaped = _shape(
+        rows,
         {
-            "observed_at": clock(row["observed_at"]),
-            "chatid": row["chatid"],
-            "chat_name": row["chat_name"],
-            "change": change_kind(
+            "observed_at": lambda row: clock(row["observed_at"]),
+            "chatid": itemgetter("chatid"),
+            "chat_name": itemgetter("chat_name"),
+            "change": lambda row: change_kind(
                 row["event_type"], row["field"], row["new_value"], row["old_value"]
             ),
-            "userid": row["userid"],
-            "field": row["field"],
-            "old_value": row["old_value"],
-            "new_value": row["new_value"],
-            "run_id": row["run_id"],
-        }
-        for row in rows
-    ]
+            "userid": itemgetter("userid"),
+            "field": itemgetter("field"),
+            "old_value": itemgetter("old_value"),
+            "new_value": itemgetter("new_value"),
+            "run_id": itemgetter("run_id"),
+        },
+    )
     notes = ["observed_at: when a sync saw the change; it happened after the previous sync."]
     if discovered and userid is None:
         listed = ", ".join(discovered[:10]) + (" ..." if len(discovered) > 10 else "")
@@ -375,17 +386,7 @@ def changes(
     return Report(
         name="changes",
         title=f"{title}: {len(shaped)}",
-        columns=(
-            "observed_at",
-            "chatid",
-            "chat_name",
-            "change",
-            "userid",
-            "field",
-            "old_value",
-            "new_value",
-            "run_id",
-        ),
+        columns=columns,
         rows=shaped,
         timezone=tz.key,
         notes=notes,
@@ -466,19 +467,19 @@ def user(engine: Engine, userid: str, *, tz: ZoneInfo) -> Report:
         rows = conn.execute(user_intervals_query(userid)).mappings().all()
         if not rows:
             _require_user(conn, userid)
-    shaped = [
+    columns, shaped = _shape(
+        rows,
         {
-            "chatid": row["chatid"],
-            "chat_name": row["chat_name"],
-            "joined_at": clock(row["joined_at"]),
-            "baseline": bool(row["is_baseline"]),
-            "left_at": clock(row["left_at"]),
-            "is_owner": row["owner_userid"] == userid,
-            "chat_status": STATUS_NAMES.get(row["chat_status"], row["chat_status"]),
-            "dismissed_at": clock(row["dismissed_at"]),
-        }
-        for row in rows
-    ]
+            "chatid": itemgetter("chatid"),
+            "chat_name": itemgetter("chat_name"),
+            "joined_at": lambda row: clock(row["joined_at"]),
+            "baseline": lambda row: bool(row["is_baseline"]),
+            "left_at": lambda row: clock(row["left_at"]),
+            "is_owner": lambda row: row["owner_userid"] == userid,
+            "chat_status": lambda row: STATUS_NAMES.get(row["chat_status"], row["chat_status"]),
+            "dismissed_at": lambda row: clock(row["dismissed_at"]),
+        },
+    )
     current = sum(
         1 for row in shaped if row["left_at"] is None and row["chat_status"] != "dismissed"
     )
@@ -491,16 +492,7 @@ def user(engine: Engine, userid: str, *, tz: ZoneInfo) -> Report:
             f"Chats of {userid}: {len({r['chatid'] for r in shaped})} chat(s), "
             f"{current} current (not dismissed)"
         ),
-        columns=(
-            "chatid",
-            "chat_name",
-            "joined_at",
-            "baseline",
-            "left_at",
-            "is_owner",
-            "chat_status",
-            "dismissed_at",
-        ),
+        columns=columns,
         rows=shaped,
         timezone=tz.key,
         notes=notes,
@@ -547,21 +539,21 @@ def chat_list(
         query = query.where(chats.c.chatid.in_(chatids))
     with database_errors("reading chats"), engine.connect() as conn:
         rows = conn.execute(query).mappings().all()
-    shaped = [
+    columns, shaped = _shape(
+        rows,
         {
-            "chatid": row["chatid"],
-            "name": row["name"],
-            "status": STATUS_NAMES.get(row["status"], row["status"]),
-            "owner_userid": row["owner_userid"],
-            "member_count": row["member_count"],
-            "first_seen_at": clock(row["first_seen_at"]),
-            "last_synced_at": clock(row["last_synced_at"]),
-            "dismissed_at": clock(row["dismissed_at"]),
-            **{column: row[column] for column, _, _ in RISKS},
-            "risks": chat_risks(row),
-        }
-        for row in rows
-    ]
+            "chatid": itemgetter("chatid"),
+            "name": itemgetter("name"),
+            "status": lambda row: STATUS_NAMES.get(row["status"], row["status"]),
+            "owner_userid": itemgetter("owner_userid"),
+            "member_count": itemgetter("member_count"),
+            "first_seen_at": lambda row: clock(row["first_seen_at"]),
+            "last_synced_at": lambda row: clock(row["last_synced_at"]),
+            "dismissed_at": lambda row: clock(row["dismissed_at"]),
+            **{column: itemgetter(column) for column, _, _ in RISKS},
+            "risks": chat_risks,
+        },
+    )
     what = "Risky chats" if risky else "Chats"
     if status is not None:
         what += f" ({status})"
@@ -571,18 +563,7 @@ def chat_list(
     return Report(
         name="chats",
         title=f"{what}: {len(shaped)}",
-        columns=(
-            "chatid",
-            "name",
-            "status",
-            "owner_userid",
-            "member_count",
-            "first_seen_at",
-            "last_synced_at",
-            "dismissed_at",
-            *(column for column, _, _ in RISKS),
-            "risks",
-        ),
+        columns=columns,
         rows=shaped,
         timezone=tz.key,
         notes=notes,
@@ -651,47 +632,27 @@ def sync_health(engine: Engine, *, tz: ZoneInfo) -> Report:
     )
     with database_errors("reading sync health"), engine.connect() as conn:
         rows = conn.execute(query).mappings().all()
-    shaped = []
-    for row in rows:
-        last_run, last_ok = row["last_run_id"], row["last_ok_run_id"]
-        if last_ok is None and row["last_synced_at"] is None:
-            state = "never synced"
-        elif last_run is not None and last_run != last_ok:
-            state = "failing"
-        else:
-            state = "ok"
-        shaped.append(
-            {
-                "chatid": row["chatid"],
-                "chat_name": row["name"],
-                "state": state,
-                "last_synced_at": clock(row["last_synced_at"]),
-                "last_ok_run_id": last_ok,
-                "last_run_id": last_run,
-                "failures_since_ok": int(row["failures_since_ok"] or 0),
-                "latest_error_at": clock(row["error_run_started_at"]),
-                "latest_error_run_id": row["last_failed_run_id"],
-                "latest_errcode": row["errcode"],
-                "latest_error": row["error"],
-            }
-        )
+    columns, shaped = _shape(
+        rows,
+        {
+            "chatid": itemgetter("chatid"),
+            "chat_name": itemgetter("name"),
+            "state": _health_state,
+            "last_synced_at": lambda row: clock(row["last_synced_at"]),
+            "last_ok_run_id": itemgetter("last_ok_run_id"),
+            "last_run_id": itemgetter("last_run_id"),
+            "failures_since_ok": lambda row: int(row["failures_since_ok"] or 0),
+            "latest_error_at": lambda row: clock(row["error_run_started_at"]),
+            "latest_error_run_id": itemgetter("last_failed_run_id"),
+            "latest_errcode": itemgetter("errcode"),
+            "latest_error": itemgetter("error"),
+        },
+    )
     failing = sum(1 for row in shaped if row["state"] != "ok")
     return Report(
         name="sync-health",
         title=f"Sync health: {len(shaped)} chat(s), {failing} failing or never synced",
-        columns=(
-            "chatid",
-            "chat_name",
-            "state",
-            "last_synced_at",
-            "last_ok_run_id",
-            "last_run_id",
-            "failures_since_ok",
-            "latest_error_at",
-            "latest_error_run_id",
-            "latest_errcode",
-            "latest_error",
-        ),
+        columns=columns,
         rows=shaped,
         timezone=tz.key,
         notes=[
@@ -699,6 +660,16 @@ def sync_health(engine: Engine, *, tz: ZoneInfo) -> Report:
             "recorded the latest error."
         ],
     )
+
+
+def _health_state(row: Any) -> str:
+    """``never synced``, ``failing`` (the latest attempt failed) or ``ok``."""
+    last_run, last_ok = row["last_run_id"], row["last_ok_run_id"]
+    if last_ok is None and row["last_synced_at"] is None:
+        return "never synced"
+    if last_run is not None and last_run != last_ok:
+        return "failing"
+    return "ok"
 
 
 def audit(
