@@ -242,6 +242,8 @@ class World:
                 self._notify("members_removed", chatid, userids=removed)
 
     def dismiss(self, chatid: str, keep_members: bool = False) -> None:
+        """Set status 2 and, unless ``keep_members``, empty the member list; listeners get one
+        ``dismissed`` change and no member changes, as DingTalk reports a disbanded group."""
         with self.lock:
             chat = self.chat(chatid)
             was_active = chat.status != 2
