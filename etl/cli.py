@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -529,10 +530,7 @@ def _report(
         tz = ZoneInfo(config.report.timezone)
         with open_database(config) as engine:
             require_schema(engine, "reading the database")
-            try:
-                text = build(engine, tz)
-            except reports.NoAnswer as exc:
-                _fail(exc.message, ExitCode.NO_ANSWER)
+            text = build(engine, tz)
     if output is None:
         click.echo(text, nl=False)
         return
@@ -666,13 +664,21 @@ def report_changes(
             audit = reports.audit(
                 engine, since=start, until=end, chats_filter=chats, userid=userid, tz=tz
             )
-            return render_audit(audit)
+            return render_audit(_with_chart_hint(audit))
         result = reports.changes(
             engine, since=start, until=end, chats_filter=chats, userid=userid, tz=tz
         )
         return render(result, fmt)
 
     _report(obj, fmt, output, build)
+
+
+def _with_chart_hint(audit: reports.AuditReport) -> reports.AuditReport:
+    """The audit, with a first note on how to chart the chats beyond its limit."""
+    if not audit.uncharted:
+        return audit
+    hint = f"charts for the first {reports.MAX_CHARTS} chats only; select chats with --chat"
+    return replace(audit, notes=[hint, *audit.notes])
 
 
 @report.command("user", context_settings=CONTEXT)

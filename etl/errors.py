@@ -8,6 +8,7 @@ Bottom layer: imports nothing from the rest of the package except ``etl.redact``
     ├── ConfigError               fix the configuration                     exit 78
     │   └── SchemaNotMigrated     run ``dingtalk-etl db upgrade``           exit 78
     ├── LockBusy                  another sync runs; nothing was done       exit 75
+    ├── NoAnswer                  the synced data cannot answer a report    exit 1
     ├── TransientError            retry with backoff (-1, 90018, 5xx, 429, resets, non-JSON)
     ├── TokenError                refresh the access token once, then retry (40001/40014/42001)
     ├── RequestFailed             this request cannot succeed; the caller says whose failure
@@ -28,7 +29,9 @@ and ``exit_code_for`` is the one mapping from any exception to a code.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
+from collections.abc import Sequence
 from typing import ClassVar
 
 from etl.redact import redact
@@ -86,6 +89,34 @@ class LockBusy(EtlError):
     """Another sync holds this database's lock; nothing was done."""
 
     exit_code = ExitCode.LOCKED
+
+
+class NoAnswer(EtlError):
+    """The synced data cannot answer a report's question: an unknown chat or user, a name that
+    several chats share, or a time before the chat's first sync.
+
+    The attributes say what was asked: ``chat`` (a chatid or name), ``chatids`` (the chats a
+    name matched), ``userid``, ``as_of`` and the chat's ``first_synced_at`` (UTC).
+    """
+
+    exit_code = ExitCode.NO_ANSWER
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        chat: str | None = None,
+        chatids: Sequence[str] = (),
+        userid: str | None = None,
+        as_of: dt.datetime | None = None,
+        first_synced_at: dt.datetime | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.chat = chat
+        self.chatids = tuple(chatids)
+        self.userid = userid
+        self.as_of = as_of
+        self.first_synced_at = first_synced_at
 
 
 class ApiError(EtlError):

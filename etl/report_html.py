@@ -1,9 +1,10 @@
 """Rendering reports: text table, CSV, JSON and self-contained HTML pages with SVG charts.
 
-Boundary: turns ``etl.reports`` objects into text; no SQL, no I/O, no click. The HTML is one
-file with no external assets (inline CSS, inline SVG, no script; a Content-Security-Policy
-forbids loading anything), and every piece of data in it is escaped, so that a userid or a
-chat name such as ``<script>`` is shown as text.
+Boundary: turns ``etl.reports`` objects into text; no SQL, no I/O, nothing of the command
+line (click, option names, exit codes). The HTML is one file with no external assets (inline
+CSS, inline SVG, no script; a Content-Security-Policy forbids loading anything), and every
+piece of data in it is escaped, so that a userid or a chat name such as ``<script>`` is shown
+as text.
 """
 
 from __future__ import annotations

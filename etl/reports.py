@@ -1,8 +1,9 @@
 """Audit reports: the SQL that answers membership questions, and the shaping of its rows.
 
-Boundary: reads the synced tables (never writes), turns rows into ``Report`` objects whose
-times are shown in the report time zone. Knows SQL (SQLAlchemy Core, portable across SQLite,
-PostgreSQL and MySQL/MariaDB) and time zones; knows nothing of click or of output formats
+Boundary: reads the synced tables (never writes), returns ``Report`` and ``AuditReport``
+objects whose times are shown in the report time zone, and raises domain errors. Knows SQL
+(SQLAlchemy Core, portable across SQLite, PostgreSQL and MySQL/MariaDB) and time zones; knows
+nothing of the command line (click, option names, exit codes) or of output formats
 (``etl.output`` and ``etl.report_html`` render a ``Report``).
 
 Every answer is reconstructed from ``chat_events``, the append-only log: the membership of a
@@ -10,16 +11,17 @@ chat at time T is the set of users whose latest member event at or before T is
 ``member_joined`` (baseline members included). Times are *observation* times: a change
 happened at or before the sync that saw it, after the sync before.
 
-A question the data cannot answer (an unknown chat or user, ``--as-of`` before a chat's first
-sync) raises ``NoAnswer``; the command line exits 1 on it.
+A question the data cannot answer (an unknown chat or user, a time before a chat's first
+sync) raises ``etl.errors.NoAnswer``, which carries what was asked.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Final
 from zoneinfo import ZoneInfo
 
@@ -38,7 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.sql.elements import ColumnElement
 
 from etl.db import database_errors, utcnow
-from etl.errors import EtlError
+from etl.errors import NoAnswer
 from etl.normalize import STATUS_DISMISSED, STATUS_NORMAL
 from etl.schema import chat_events, chat_members, chats, sync_run_items, sync_runs
 
@@ -62,6 +64,7 @@ CHANGE_KINDS: Final = (
     "renamed",
     "setting_changed",
 )
+# The audit charts the first chats of its summary only; ``AuditReport.uncharted`` counts the rest.
 MAX_CHARTS: Final = 50
 _MAX_POINTS: Final = 400
 
@@ -69,10 +72,20 @@ BASELINE_NOTE: Final = (
     "joined_at is when a sync first saw the membership; baseline members (present at the "
     "chat's first sync) may have joined earlier."
 )
-
-
-class NoAnswer(EtlError):
-    """The data cannot answer the question (unknown chat or user, time before the first sync)."""
+# The audit's chat summary: ``chat_list`` columns with the changes counted in the window.
+SUMMARY_COLUMNS: Final = (
+    "chatid",
+    "name",
+    "status",
+    "owner_userid",
+    "member_count",
+    "joins",
+    "leaves",
+    "other_changes",
+    "last_synced_at",
+    "dismissed_at",
+    "risks",
+)
 
 
 # -- timestamps ---------------------------------------------------------------------------------
@@ -86,7 +99,7 @@ EXAMPLES: Final = (
 
 @dataclass(frozen=True)
 class Timestamp:
-    """An ``--as-of``/``--since``/``--until`` value as given: a month, a day or an instant.
+    """A report time as given: a month, a day or an instant.
 
     A month or a day is a span: ``start`` is its first instant, ``end`` its last microsecond,
     in the report time zone. An instant without an offset is read in the report time zone.
@@ -137,8 +150,9 @@ def _last_microsecond(start: dt.datetime, following: dt.datetime | None) -> dt.d
 
 
 def check_window(since: dt.datetime | None, until: dt.datetime | None) -> None:
+    """A window that ends before it starts is the caller's mistake, not an empty answer."""
     if since is not None and until is not None and since > until:
-        raise ValueError("--since is after --until")
+        raise ValueError(f"the window starts at {since} after it ends at {until}")
 
 
 # -- reports ------------------------------------------------------------------------------------
@@ -164,7 +178,7 @@ class MembershipSeries:
     dismissed_at: dt.datetime | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Report:
     """One answer: rows with named columns, times already in the report time zone."""
 
@@ -177,9 +191,13 @@ class Report:
     series: list[MembershipSeries] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AuditReport:
-    """The HTML audit: chat summary, changes in the window, member count by sync per chat."""
+    """The HTML audit: chat summary, changes in the window, member count by sync per chat.
+
+    ``series`` charts the first ``MAX_CHARTS`` chats of the summary; ``uncharted`` counts the
+    chats left without a chart.
+    """
 
     title: str
     window: str
@@ -189,6 +207,17 @@ class AuditReport:
     changes: Report
     series: list[MembershipSeries]
     notes: list[str] = field(default_factory=list)
+    uncharted: int = 0
+
+
+# A report's columns in order, each with how its cell is computed from a query row: the one
+# place where a report names its columns.
+_Cells = dict[str, Callable[[Any], Any]]
+
+
+def _shape(rows: Sequence[Any], cells: _Cells) -> tuple[tuple[str, ...], list[dict[str, Any]]]:
+    """The columns of a report and its rows, one per query row."""
+    return tuple(cells), [{column: cell(row) for column, cell in cells.items()} for row in rows]
 
 
 class _Clock:
@@ -226,22 +255,25 @@ def members(
             raise NoAnswer(
                 f"chat {chatid!r} ({info['name']}) was first synced at "
                 f"{clock.text(info['first_seen_at'])}: its membership at {clock.text(at)} is "
-                "unknown (nothing is recorded before a chat's first sync)"
+                "unknown (nothing is recorded before a chat's first sync)",
+                chat=chatid,
+                as_of=at,
+                first_synced_at=info["first_seen_at"],
             )
         rows = conn.execute(members_at_query(chatid, at)).mappings().all()
         owner = _value_at(conn, chatid, "owner_userid", at, info["owner_userid"])
         status = _value_at(conn, chatid, "status", at, str(info["status"]))
         series = [_series(conn, info, None, at, clock)] if with_series else []
-    shaped = [
+    columns, shaped = _shape(
+        rows,
         {
-            "userid": row["userid"],
-            "joined_at": clock(row["joined_at"]),
-            "baseline": bool(row["is_baseline"]),
-            "left_at": clock(row["left_at"]),
-            "is_owner": row["userid"] == owner,
-        }
-        for row in rows
-    ]
+            "userid": itemgetter("userid"),
+            "joined_at": lambda row: clock(row["joined_at"]),
+            "baseline": lambda row: bool(row["is_baseline"]),
+            "left_at": lambda row: clock(row["left_at"]),
+            "is_owner": lambda row: row["userid"] == owner,
+        },
+    )
     when = "now" if as_of is None else f"as of {clock.text(as_of)}"
     notes = [BASELINE_NOTE]
     if status == str(STATUS_DISMISSED):
@@ -253,7 +285,7 @@ def members(
     return Report(
         name="members",
         title=f"Members of {chatid} ({info['name']}) {when}: {len(shaped)}",
-        columns=("userid", "joined_at", "baseline", "left_at", "is_owner"),
+        columns=columns,
         rows=shaped,
         timezone=tz.key,
         notes=notes,
@@ -320,22 +352,22 @@ def changes(
             _require_user(conn, userid)
         rows = conn.execute(_changes_query(since, until, chatids, userid)).mappings().all()
         discovered = conn.execute(_discovered_query(since, until, chatids)).scalars().all()
-    shaped = [
+    columns, shaped = _shape(
+        rows,
         {
-            "observed_at": clock(row["observed_at"]),
-            "chatid": row["chatid"],
-            "chat_name": row["chat_name"],
-            "change": change_kind(
+            "observed_at": lambda row: clock(row["observed_at"]),
+            "chatid": itemgetter("chatid"),
+            "chat_name": itemgetter("chat_name"),
+            "change": lambda row: change_kind(
                 row["event_type"], row["field"], row["new_value"], row["old_value"]
             ),
-            "userid": row["userid"],
-            "field": row["field"],
-            "old_value": row["old_value"],
-            "new_value": row["new_value"],
-            "run_id": row["run_id"],
-        }
-        for row in rows
-    ]
+            "userid": itemgetter("userid"),
+            "field": itemgetter("field"),
+            "old_value": itemgetter("old_value"),
+            "new_value": itemgetter("new_value"),
+            "run_id": itemgetter("run_id"),
+        },
+    )
     notes = ["observed_at: when a sync saw the change; it happened after the previous sync."]
     if discovered and userid is None:
         listed = ", ".join(discovered[:10]) + (" ..." if len(discovered) > 10 else "")
@@ -354,17 +386,7 @@ def changes(
     return Report(
         name="changes",
         title=f"{title}: {len(shaped)}",
-        columns=(
-            "observed_at",
-            "chatid",
-            "chat_name",
-            "change",
-            "userid",
-            "field",
-            "old_value",
-            "new_value",
-            "run_id",
-        ),
+        columns=columns,
         rows=shaped,
         timezone=tz.key,
         notes=notes,
@@ -445,19 +467,19 @@ def user(engine: Engine, userid: str, *, tz: ZoneInfo) -> Report:
         rows = conn.execute(user_intervals_query(userid)).mappings().all()
         if not rows:
             _require_user(conn, userid)
-    shaped = [
+    columns, shaped = _shape(
+        rows,
         {
-            "chatid": row["chatid"],
-            "chat_name": row["chat_name"],
-            "joined_at": clock(row["joined_at"]),
-            "baseline": bool(row["is_baseline"]),
-            "left_at": clock(row["left_at"]),
-            "is_owner": row["owner_userid"] == userid,
-            "chat_status": STATUS_NAMES.get(row["chat_status"], row["chat_status"]),
-            "dismissed_at": clock(row["dismissed_at"]),
-        }
-        for row in rows
-    ]
+            "chatid": itemgetter("chatid"),
+            "chat_name": itemgetter("chat_name"),
+            "joined_at": lambda row: clock(row["joined_at"]),
+            "baseline": lambda row: bool(row["is_baseline"]),
+            "left_at": lambda row: clock(row["left_at"]),
+            "is_owner": lambda row: row["owner_userid"] == userid,
+            "chat_status": lambda row: STATUS_NAMES.get(row["chat_status"], row["chat_status"]),
+            "dismissed_at": lambda row: clock(row["dismissed_at"]),
+        },
+    )
     current = sum(
         1 for row in shaped if row["left_at"] is None and row["chat_status"] != "dismissed"
     )
@@ -470,16 +492,7 @@ def user(engine: Engine, userid: str, *, tz: ZoneInfo) -> Report:
             f"Chats of {userid}: {len({r['chatid'] for r in shaped})} chat(s), "
             f"{current} current (not dismissed)"
         ),
-        columns=(
-            "chatid",
-            "chat_name",
-            "joined_at",
-            "baseline",
-            "left_at",
-            "is_owner",
-            "chat_status",
-            "dismissed_at",
-        ),
+        columns=columns,
         rows=shaped,
         timezone=tz.key,
         notes=notes,
@@ -526,21 +539,21 @@ def chat_list(
         query = query.where(chats.c.chatid.in_(chatids))
     with database_errors("reading chats"), engine.connect() as conn:
         rows = conn.execute(query).mappings().all()
-    shaped = [
+    columns, shaped = _shape(
+        rows,
         {
-            "chatid": row["chatid"],
-            "name": row["name"],
-            "status": STATUS_NAMES.get(row["status"], row["status"]),
-            "owner_userid": row["owner_userid"],
-            "member_count": row["member_count"],
-            "first_seen_at": clock(row["first_seen_at"]),
-            "last_synced_at": clock(row["last_synced_at"]),
-            "dismissed_at": clock(row["dismissed_at"]),
-            **{column: row[column] for column, _, _ in RISKS},
-            "risks": chat_risks(row),
-        }
-        for row in rows
-    ]
+            "chatid": itemgetter("chatid"),
+            "name": itemgetter("name"),
+            "status": lambda row: STATUS_NAMES.get(row["status"], row["status"]),
+            "owner_userid": itemgetter("owner_userid"),
+            "member_count": itemgetter("member_count"),
+            "first_seen_at": lambda row: clock(row["first_seen_at"]),
+            "last_synced_at": lambda row: clock(row["last_synced_at"]),
+            "dismissed_at": lambda row: clock(row["dismissed_at"]),
+            **{column: itemgetter(column) for column, _, _ in RISKS},
+            "risks": chat_risks,
+        },
+    )
     what = "Risky chats" if risky else "Chats"
     if status is not None:
         what += f" ({status})"
@@ -550,18 +563,7 @@ def chat_list(
     return Report(
         name="chats",
         title=f"{what}: {len(shaped)}",
-        columns=(
-            "chatid",
-            "name",
-            "status",
-            "owner_userid",
-            "member_count",
-            "first_seen_at",
-            "last_synced_at",
-            "dismissed_at",
-            *(column for column, _, _ in RISKS),
-            "risks",
-        ),
+        columns=columns,
         rows=shaped,
         timezone=tz.key,
         notes=notes,
@@ -630,47 +632,27 @@ def sync_health(engine: Engine, *, tz: ZoneInfo) -> Report:
     )
     with database_errors("reading sync health"), engine.connect() as conn:
         rows = conn.execute(query).mappings().all()
-    shaped = []
-    for row in rows:
-        last_run, last_ok = row["last_run_id"], row["last_ok_run_id"]
-        if last_ok is None and row["last_synced_at"] is None:
-            state = "never synced"
-        elif last_run is not None and last_run != last_ok:
-            state = "failing"
-        else:
-            state = "ok"
-        shaped.append(
-            {
-                "chatid": row["chatid"],
-                "chat_name": row["name"],
-                "state": state,
-                "last_synced_at": clock(row["last_synced_at"]),
-                "last_ok_run_id": last_ok,
-                "last_run_id": last_run,
-                "failures_since_ok": int(row["failures_since_ok"] or 0),
-                "latest_error_at": clock(row["error_run_started_at"]),
-                "latest_error_run_id": row["last_failed_run_id"],
-                "latest_errcode": row["errcode"],
-                "latest_error": row["error"],
-            }
-        )
+    columns, shaped = _shape(
+        rows,
+        {
+            "chatid": itemgetter("chatid"),
+            "chat_name": itemgetter("name"),
+            "state": _health_state,
+            "last_synced_at": lambda row: clock(row["last_synced_at"]),
+            "last_ok_run_id": itemgetter("last_ok_run_id"),
+            "last_run_id": itemgetter("last_run_id"),
+            "failures_since_ok": lambda row: int(row["failures_since_ok"] or 0),
+            "latest_error_at": lambda row: clock(row["error_run_started_at"]),
+            "latest_error_run_id": itemgetter("last_failed_run_id"),
+            "latest_errcode": itemgetter("errcode"),
+            "latest_error": itemgetter("error"),
+        },
+    )
     failing = sum(1 for row in shaped if row["state"] != "ok")
     return Report(
         name="sync-health",
         title=f"Sync health: {len(shaped)} chat(s), {failing} failing or never synced",
-        columns=(
-            "chatid",
-            "chat_name",
-            "state",
-            "last_synced_at",
-            "last_ok_run_id",
-            "last_run_id",
-            "failures_since_ok",
-            "latest_error_at",
-            "latest_error_run_id",
-            "latest_errcode",
-            "latest_error",
-        ),
+        columns=columns,
         rows=shaped,
         timezone=tz.key,
         notes=[
@@ -678,6 +660,16 @@ def sync_health(engine: Engine, *, tz: ZoneInfo) -> Report:
             "recorded the latest error."
         ],
     )
+
+
+def _health_state(row: Any) -> str:
+    """``never synced``, ``failing`` (the latest attempt failed) or ``ok``."""
+    last_run, last_ok = row["last_run_id"], row["last_ok_run_id"]
+    if last_ok is None and row["last_synced_at"] is None:
+        return "never synced"
+    if last_run is not None and last_run != last_ok:
+        return "failing"
+    return "ok"
 
 
 def audit(
@@ -699,34 +691,16 @@ def audit(
         chatids = [_resolve_chat(conn, chat)["chatid"] for chat in chats_filter]
     if not chatids:
         chatids = sorted({row["chatid"] for row in changed.rows})
-    notes: list[str] = []
-    summary = chat_list(engine, tz=tz, chatids=chatids) if chatids else _empty_summary(tz)
-    counts: dict[str, dict[str, int]] = {}
-    for row in changed.rows:
-        kinds = counts.setdefault(row["chatid"], {})
-        kinds[row["change"]] = kinds.get(row["change"], 0) + 1
-    for row in summary.rows:
-        kinds = counts.get(row["chatid"], {})
-        row["joins"] = kinds.get("joined", 0)
-        row["leaves"] = kinds.get("left", 0)
-        row["other_changes"] = sum(n for k, n in kinds.items() if k not in ("joined", "left"))
-    summary.columns = (
-        "chatid",
-        "name",
-        "status",
-        "owner_userid",
-        "member_count",
-        "joins",
-        "leaves",
-        "other_changes",
-        "last_synced_at",
-        "dismissed_at",
-        "risks",
+    listed = chat_list(engine, tz=tz, chatids=chatids).rows if chatids else []
+    counts = _change_counts(changed.rows)
+    summary = Report(
+        name="chats",
+        title=f"Chats in this report: {len(listed)}",
+        columns=SUMMARY_COLUMNS,
+        rows=[{**row, **counts.get(row["chatid"], _NO_CHANGES)} for row in listed],
+        timezone=tz.key,
     )
-    summary.title = f"Chats in this report: {len(summary.rows)}"
-    charted = [row["chatid"] for row in summary.rows][:MAX_CHARTS]
-    if len(summary.rows) > MAX_CHARTS:
-        notes.append(f"charts for the first {MAX_CHARTS} chats only; select chats with --chat")
+    charted = [row["chatid"] for row in listed][:MAX_CHARTS]
     with database_errors("reading membership history"), engine.connect() as conn:
         series = [_series(conn, _chat_row(conn, chatid), since, until, clock) for chatid in charted]
     return AuditReport(
@@ -737,12 +711,22 @@ def audit(
         summary=summary,
         changes=changed,
         series=series,
-        notes=notes + changed.notes,
+        notes=list(changed.notes),
+        uncharted=len(listed) - len(charted),
     )
 
 
-def _empty_summary(tz: ZoneInfo) -> Report:
-    return Report("chats", "Chats in this report: 0", ("chatid",), [], tz.key)
+_NO_CHANGES: Final = {"joins": 0, "leaves": 0, "other_changes": 0}
+
+
+def _change_counts(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per chatid, the ``changes`` rows counted as joins, leaves and other changes."""
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        tally = counts.setdefault(row["chatid"], dict(_NO_CHANGES))
+        key = {"joined": "joins", "left": "leaves"}.get(row["change"], "other_changes")
+        tally[key] += 1
+    return counts
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -783,8 +767,12 @@ def _resolve_chat(conn: Connection, chat: str) -> Any:
     if len(named) == 1:
         return named[0]
     if len(named) > 1:
-        ids = ", ".join(sorted(r["chatid"] for r in named))
-        raise NoAnswer(f"{len(named)} chats are named {chat!r} ({ids}): give a chatid")
+        ids = sorted(r["chatid"] for r in named)
+        raise NoAnswer(
+            f"{len(named)} chats are named {chat!r} ({', '.join(ids)}): give a chatid",
+            chat=chat,
+            chatids=ids,
+        )
     attempt = conn.execute(
         select(sync_run_items.c.errcode, sync_run_items.c.error)
         .where(sync_run_items.c.chatid == chat)
@@ -794,11 +782,13 @@ def _resolve_chat(conn: Connection, chat: str) -> Any:
     if attempt is not None:
         raise NoAnswer(
             f"chat {chat!r} was never synced successfully (latest error: {attempt.error}); "
-            "see `dingtalk-etl report sync-health`"
+            "see `dingtalk-etl report sync-health`",
+            chat=chat,
         )
     raise NoAnswer(
         f"no chat {chat!r} in the database (neither a synced chatid nor a chat name); "
-        "`dingtalk-etl report chats` lists them"
+        "`dingtalk-etl report chats` lists them",
+        chat=chat,
     )
 
 
@@ -820,7 +810,7 @@ def _require_user(conn: Connection, userid: str) -> None:
         .limit(1)
     ).first()
     if seen is None:
-        raise NoAnswer(f"userid {userid!r} was never seen in any synced chat")
+        raise NoAnswer(f"userid {userid!r} was never seen in any synced chat", userid=userid)
 
 
 def _value_at(conn: Connection, chatid: str, column: str, at: dt.datetime, now: Any) -> Any:

@@ -14,9 +14,11 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy.engine import URL
 
 from etl import reports
+from etl.cli import cli
 from etl.db import create_db_engine
 from etl.report_html import render, render_audit
 from etl.simulator import SimChat, Simulator, World
@@ -101,6 +103,46 @@ def test_every_report_renders_as_a_page(
     assert page.startswith("<!DOCTYPE html>")
     assert "<table>" in page
     assert page.count("<svg") == (1 if name == "members" else 0)
+
+
+MANY = [f"chat-{n:02d}" for n in range(reports.MAX_CHARTS + 1)]
+
+
+@pytest.fixture
+def many_chats_db(sqlite_url: URL, make_config: MakeConfig) -> URL:
+    """One chat more than the audit charts, each synced once."""
+    world = World(APP_KEY, APP_SECRET)
+    for chatid in MANY:
+        world.add_chat(SimChat(chatid, f"Chat {chatid}", "u1", ["u1", "u2"]))
+    with Simulator(world) as sim:
+        run_sync(make_config(sqlite_url, sim.base_url, MANY))
+    return sqlite_url
+
+
+def test_audit_charts_the_first_chats_and_the_cli_says_how_to_select(
+    many_chats_db: URL, tmp_path: Path
+) -> None:
+    engine = create_db_engine(many_chats_db)
+    try:
+        audit = reports.audit(engine, since=None, until=None, chats_filter=MANY, tz=UTC)
+    finally:
+        engine.dispose()
+    config = tmp_path / "report.toml"
+    url = many_chats_db.render_as_string(hide_password=False)
+    config.write_text(f'[database]\nurl = "{url}"\n', encoding="utf-8")
+    selected = [arg for chatid in MANY for arg in ("--chat", chatid)]
+    result = CliRunner().invoke(
+        cli,
+        ["--config", str(config), "report", "changes", *selected, "--format", "html"],
+        env={"DINGTALK_ETL_CONFIG": None, "DINGTALK_ETL_DATABASE_URL": None},
+    )
+
+    assert (len(audit.series), audit.uncharted) == (reports.MAX_CHARTS, 1)
+    assert not any("--chat" in note for note in audit.notes)
+    assert result.exit_code == 0, result.stderr
+    hint = "charts for the first 50 chats only; select chats with --chat"
+    assert f'<ul class="notes"><li>{hint}</li>' in result.stdout
+    assert result.stdout.count("<figure>") == reports.MAX_CHARTS
 
 
 # -- hostile data -----------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from sqlalchemy.engine import Engine
 
 from etl import reports
 from etl.cli import cli
-from etl.reports import NoAnswer, parse_timestamp
+from etl.errors import ExitCode, NoAnswer
+from etl.reports import parse_timestamp
 from tests.report_scenario import MEMBERS, Scenario
 
 UTC = ZoneInfo("UTC")
@@ -147,6 +148,23 @@ def test_members_without_an_answer(
 ) -> None:
     with pytest.raises(NoAnswer, match=re.escape(message)):
         reports.members(engine, chat, as_of=when(scenario), tz=UTC)
+
+
+def test_no_answer_says_what_was_asked(scenario: Scenario, engine: Engine) -> None:
+    as_of = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+    with pytest.raises(NoAnswer) as before:
+        reports.members(engine, "Finance & Controlling", as_of=as_of, tz=SHANGHAI)
+    with pytest.raises(NoAnswer) as unknown:
+        reports.user(engine, "nobody", tz=UTC)
+
+    found = before.value
+    assert (found.chat, found.as_of, found.first_synced_at) == (
+        "chat-fin",
+        as_of,
+        scenario.at("chat-fin", 1),
+    )
+    assert (unknown.value.userid, unknown.value.chat) == ("nobody", None)
+    assert found.exit_code == ExitCode.NO_ANSWER == 1
 
 
 def test_members_by_chat_name_and_in_the_report_timezone(

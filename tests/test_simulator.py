@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from etl.simulator import CHAT_INFO_KEYS, Fault, SimChat, Simulator, World
+import etl.simulator
+from etl.simulator import (
+    CHAT_INFO_KEYS,
+    DingTalkApi,
+    Fault,
+    SimChat,
+    Simulator,
+    World,
+    WorldChange,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 KEY = "k-test"
@@ -633,3 +644,132 @@ def test_from_scenario_errors(text: str, bad: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=bad) as excinfo:
         World.from_scenario(path)
     assert "broken.toml" in str(excinfo.value)
+
+
+# -- change listeners ------------------------------------------------------------------------
+
+
+Change = tuple[str, str, tuple[str, ...], str, Any, Any]
+
+CHANGE_CASES: list[tuple[str, Callable[[World], object], list[Change]]] = [
+    (
+        "join",
+        lambda w: w.add_members("c-ok", ["new1", "user123", "new2", "new1"]),
+        [("members_added", "c-ok", ("new1", "new2"), "", None, None)],
+    ),
+    ("join-nobody-new", lambda w: w.add_members("c-ok", ["user123"]), []),
+    (
+        "leave",
+        lambda w: w.remove_members("c-ok", ["ghost", "manager4220", "user123"]),
+        [("members_removed", "c-ok", ("user123", "manager4220"), "", None, None)],
+    ),
+    ("leave-nobody-there", lambda w: w.remove_members("c-ok", ["ghost"]), []),
+    (
+        "rename-same-owner",
+        lambda w: w.set_attr("c-ok", name="Renamed", owner="manager4220"),
+        [("attribute_changed", "c-ok", (), "name", "All-staff Chat", "Renamed")],
+    ),
+    (
+        "dismiss",
+        lambda w: w.dismiss("c-ok"),
+        [("dismissed", "c-ok", (), "", None, None)],
+    ),
+    (
+        "dismiss-twice",
+        lambda w: (w.dismiss("c-ok"), w.dismiss("c-ok", keep_members=True)),
+        [("dismissed", "c-ok", (), "", None, None)],
+    ),
+]
+
+
+def as_tuple(change: WorldChange) -> Change:
+    return (change.kind, change.chatid, change.userids, change.field, change.old, change.new)
+
+
+@pytest.mark.parametrize(
+    ("act", "expected"),
+    [case[1:] for case in CHANGE_CASES],
+    ids=[case[0] for case in CHANGE_CASES],
+)
+def test_listeners_see_each_change(
+    act: Callable[[World], object], expected: list[Change], world: World
+) -> None:
+    seen: list[WorldChange] = []
+    before = time.time()
+    world.subscribe(seen.append)
+    act(world)
+    assert [as_tuple(change) for change in seen] == expected
+    assert all(before <= change.at <= time.time() for change in seen)
+
+
+def test_unsubscribed_listener_hears_nothing_more(world: World) -> None:
+    seen: list[WorldChange] = []
+    unsubscribe = world.subscribe(seen.append)
+    world.add_members("c-ok", ["new1"])
+    unsubscribe()
+    unsubscribe()
+    world.add_members("c-ok", ["new2"])
+    assert [change.userids for change in seen] == [("new1",)]
+
+
+def test_mutate_reaches_listeners_change_by_change() -> None:
+    world = World.generate(40, seed=5, max_members=300, dismissed=4)
+    replayed = {cid: (c.name, c.owner, list(c.useridlist)) for cid, c in world.chats.items()}
+    seen: list[WorldChange] = []
+    world.subscribe(seen.append)
+    changed = world.mutate(0.5, seed=9)
+    for change in seen:
+        name, owner, members = replayed[change.chatid]
+        if change.kind == "members_added":
+            members = members + list(change.userids)
+        elif change.kind == "members_removed":
+            members = [m for m in members if m not in change.userids]
+        elif change.field == "name":
+            name = change.new
+        else:
+            assert change.field == "owner"
+            owner = change.new
+        replayed[change.chatid] = (name, owner, members)
+    assert replayed == {cid: (c.name, c.owner, c.useridlist) for cid, c in world.chats.items()}
+    assert len({change.chatid for change in seen}) == changed == 18
+
+
+# -- fronts ----------------------------------------------------------------------------------
+
+
+def test_a_second_front_shares_tokens_faults_and_stats(
+    world: World, http: requests.Session, sim: Simulator
+) -> None:
+    """What another front (such as a push gateway) gets by going through DingTalkApi."""
+    api = DingTalkApi(world)
+    issued = api.gettoken(KEY, SECRET).body
+    assert issued is not None
+    assert token(http, sim) == issued["access_token"]
+    world.inject("c-ok", "http:502", "errcode:-1")
+    answer = api.chat_get(issued["access_token"], "c-ok")
+    assert (answer.body, answer.fault) == (None, Fault("http", 502, "http:502"))
+    assert chat_get(http, sim, "c-ok", issued["access_token"]).json()["errcode"] == -1
+    assert sim.stats.requests_by_chat == {"c-ok": 2}
+    assert sim.stats.gettoken_calls == 2
+
+
+# -- boundary --------------------------------------------------------------------------------
+
+
+def test_package_imports_only_the_standard_library() -> None:
+    package = Path(etl.simulator.__file__).parent
+    foreign = []
+    for module in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.partition(".")[0]
+                own = name == "etl.simulator" or name.startswith("etl.simulator.")
+                if not (own or top == "__future__" or top in sys.stdlib_module_names):
+                    foreign.append(f"{module.name}: {name}")
+    assert foreign == []
