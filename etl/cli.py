@@ -27,6 +27,7 @@ from etl.db import database_errors, open_database, require_schema
 from etl.demo import demo_world, run_demo
 from etl.errors import EtlError, ExitCode
 from etl.lock import run_lock
+from etl.listener import run_listen
 from etl.logs import configure_logging
 from etl.monitoring import monitored_sync, parse_duration, read_health
 from etl.output import plain, to_table, write_text_atomic
@@ -251,6 +252,40 @@ def schedule(obj: _Ctx) -> None:
     with _errors(), _stop_on_signals(stop):
         config = obj.load(need_api=True)
         run_schedule(config, stop)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.pass_obj
+def listen(obj: _Ctx) -> None:
+    """Record DingTalk's group events as they happen, until SIGTERM or SIGINT (Ctrl-C).
+
+    Opens a Stream-mode connection to [events] gateway_url with [dingtalk] app_key and
+    app_secret (no public address needed, no API call spent) and records the six group
+    events (members added or removed, a member quitting, a new owner, a new name, a
+    dismissal) in chat_events with DingTalk's time and who did it. Each event is ACKed only
+    once its rows are committed. A chat with events is re-read with chat/get [events]
+    reconcile_delay_seconds after its last event (a run with trigger 'event'), which
+    confirms the events and records what none said. The connection is opened again after
+    a drop, a `disconnect` or [events] silence_timeout_seconds without a frame. `listen`
+    holds the sync lock only while a reconcile writes: `sync` and `schedule` run beside it.
+    On SIGTERM/SIGINT the frame in hand is finished and the connection closed.
+
+    \b
+    Exit codes:
+      0   stopped by SIGTERM/SIGINT
+      3   the gateway refused the app (Stream mode or the event subscription missing), or
+          the database failed
+      78  configuration error, credentials refused by the gateway, or the schema needs
+          `dingtalk-etl db upgrade`
+
+    \b
+    Examples:
+      dingtalk-etl --config /etc/dingtalk-etl/config.toml listen
+    """
+    stop = threading.Event()
+    with _errors(), _stop_on_signals(stop):
+        config = obj.load(need_api=True)
+        run_listen(config, stop, lambda chatids: reconcile(config, chatids, stop=stop))
 
 
 def _check_duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:

@@ -20,7 +20,7 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import structlog
@@ -28,7 +28,7 @@ import tenacity
 from sqlalchemy import Engine
 
 from etl.config import Config
-from etl.db import utcnow
+from etl.db import open_database, require_schema, utcnow
 from etl.errors import EtlError
 from etl.events import (
     GROUP_EVENT_TYPES,
@@ -43,6 +43,7 @@ from etl.events import (
     parse_frame,
 )
 from etl.eventstore import EventStore, ListenerLog
+from etl.reconciler import Reconciler
 from etl.stream import StreamSocket, StreamUnavailable, open_connection
 
 log = structlog.get_logger("etl.listener")
@@ -308,3 +309,27 @@ def _json_object(text: str) -> dict[str, Any]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {"data": value}
+
+
+def run_listen(
+    config: Config,
+    stop: threading.Event,
+    reconcile: Callable[[Sequence[str]], object],
+) -> None:
+    """``dingtalk-etl listen``: listen and reconcile until ``stop`` is set.
+
+    ``reconcile(chatids)`` re-reads chats that received events (the sync's reconcile run).
+    Raises ``SchemaNotMigrated`` and ``DatabaseFailure`` before listening, and the gateway's
+    refusals (``GatewayRefused``, ``GatewayForbidden``) when they come.
+    """
+    with open_database(config) as engine:
+        require_schema(engine, "checking the schema")
+        reconciler = Reconciler(
+            reconcile, delay=config.events.reconcile_delay_seconds, stop=stop
+        ).start()
+        try:
+            reconciler.resume(EventStore(engine).waiting_chats())
+            Listener(config, engine, stop, on_event=reconciler.touch).run()
+        finally:
+            stop.set()
+            reconciler.join()
