@@ -1,4 +1,4 @@
-"""The store: every SQL statement of the sync, and nothing else.
+"""The chat writer: every SQL statement of a sync's chat writes, and nothing else.
 
 One chat's writes (chats row, members, events, run item) happen in one transaction, which
 the sync shares between the chats it has in hand (a batch). A batch costs a handful of
@@ -16,8 +16,6 @@ import contextlib
 import datetime as dt
 import functools
 import json
-import os
-import socket
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -41,16 +39,15 @@ from sqlalchemy import update as sa_update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from etl.db import database_errors, describe_db_error
+from etl.db import describe_db_error
 from etl.errors import DatabaseFailure
 from etl.normalize import ATTRIBUTE_FIELDS, STATUS_DISMISSED, AttrValue, ChatRecord
-from etl.schema import chat_events, chat_members, chats, sync_run_items, sync_runs
+from etl.schema import chat_events, chat_members, chats, sync_run_items
 
 _T = TypeVar("_T")
 
 # Parameters per multi-row INSERT on SQLite (see _BulkInsert._insert_values).
 SQLITE_PARAMETERS = 4096
-RUN_STATUSES = ("running", "succeeded", "partial", "failed", "abandoned")
 
 
 def attr_text(value: AttrValue) -> str | None:
@@ -446,79 +443,6 @@ class Store:
             conn = self._writer = self.engine.connect()
         with conn.begin():
             yield conn
-
-    # -- run log ---------------------------------------------------------------------------
-
-    def start_run(self, trigger: str, chats_total: int, *, now: dt.datetime) -> tuple[int, int]:
-        """Mark runs left ``running`` by dead processes ``abandoned``; insert this run's row.
-
-        Only called while holding the sync lock, so any ``running`` row is a dead run's.
-        Returns (run id, number of runs marked abandoned).
-        """
-        with database_errors("starting the run"), self.engine.begin() as conn:
-            abandoned = conn.execute(
-                sa_update(sync_runs)
-                .where(sync_runs.c.status == "running")
-                .values(
-                    status="abandoned",
-                    finished_at=now,
-                    # Or it lived but its database was gone when it tried to record the end.
-                    error="the run never recorded its end: its process died, or lost the database",
-                )
-            ).rowcount
-            result = conn.execute(
-                insert(sync_runs).values(
-                    started_at=now,
-                    status="running",
-                    trigger=trigger,
-                    chats_total=chats_total,
-                    chats_succeeded=0,
-                    chats_failed=0,
-                    chats_changed=0,
-                    api_calls=0,
-                    retries=0,
-                    hostname=socket.gethostname()[:255],
-                    pid=os.getpid(),
-                )
-            )
-            run_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
-            assert isinstance(run_id, int)
-            return run_id, abandoned
-
-    def finish_run(self, run_id: int, values: Mapping[str, Any]) -> None:
-        with database_errors("finishing the run"), self.engine.begin() as conn:
-            conn.execute(sa_update(sync_runs).where(sync_runs.c.id == run_id).values(**values))
-
-    def recent_runs(self, limit: int) -> list[dict[str, Any]]:
-        with database_errors("reading runs"), self.engine.connect() as conn:
-            rows = conn.execute(
-                select(sync_runs).order_by(sync_runs.c.id.desc()).limit(limit)
-            ).mappings()
-            return [dict(row) for row in rows]
-
-    def latest_run(
-        self, *, status: str | None = None, finished: bool = False
-    ) -> dict[str, Any] | None:
-        """The newest run, or the newest with ``status``, or (``finished``) not ``running``."""
-        query = select(sync_runs).order_by(sync_runs.c.id.desc()).limit(1)
-        if status is not None:
-            query = query.where(sync_runs.c.status == status)
-        if finished:
-            query = query.where(sync_runs.c.status != "running")
-        with database_errors("reading runs"), self.engine.connect() as conn:
-            row = conn.execute(query).mappings().first()
-            return dict(row) if row is not None else None
-
-    def run_items(self, run_id: int) -> list[dict[str, Any]]:
-        with database_errors("reading run items"), self.engine.connect() as conn:
-            rows = conn.execute(
-                select(sync_run_items)
-                .where(sync_run_items.c.run_id == run_id)
-                .order_by(sync_run_items.c.chatid)
-            ).mappings()
-            return [dict(row) for row in rows]
-
-    # -- chats -----------------------------------------------------------------------------
 
     def write_chats(self, run_id: int, outcomes: Sequence[ChatOutcome]) -> list[bool]:
         """Write a batch of fetched chats in one transaction; return whether each changed.
