@@ -26,15 +26,15 @@ from etl.config import Config, check_chatid, load_config, resolve_config_path
 from etl.db import database_errors, open_database, require_schema
 from etl.demo import demo_world, run_demo
 from etl.errors import EtlError, ExitCode
-from etl.lock import run_lock
 from etl.listener import run_listen
+from etl.lock import run_lock
 from etl.logs import configure_logging
 from etl.monitoring import monitored_sync, parse_duration, read_health
 from etl.output import plain, to_table, write_text_atomic
 from etl.report_html import FORMATS, render, render_audit
+from etl.runlog import RunLog
 from etl.scheduler import run_schedule
 from etl.simulator import Simulator, World
-from etl.store import Store
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -206,7 +206,7 @@ def runs(obj: _Ctx, limit: int, as_json: bool) -> None:
         config = obj.load(need_api=False)
         with open_database(config) as engine:
             require_schema(engine, "reading runs")
-            rows = Store(engine).recent_runs(limit)
+            rows = RunLog(engine).recent_runs(limit)
     if as_json:
         click.echo(json.dumps([{k: plain(v) for k, v in row.items()} for row in rows], indent=2))
         return
