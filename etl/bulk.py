@@ -54,6 +54,8 @@ EVENT_COLUMNS = (
     "old_value",
     "new_value",
     "is_baseline",
+    "source",
+    "occurred_at",
 )
 MEMBER_COLUMNS = ("chatid", "userid", "joined_at")
 CHAT_COLUMNS = (
@@ -93,6 +95,10 @@ class BatchRows:
     rejoins: list[tuple[str, str, dt.datetime]] = field(default_factory=list)
     leaves: list[tuple[str, str, dt.datetime]] = field(default_factory=list)
     events: list[tuple[Any, ...]] = field(default_factory=list)
+    # (chatid, userid, joined_at, left_at): member rows set to what the log says (rare)
+    member_states: list[tuple[str, str, dt.datetime, dt.datetime | None]] = field(
+        default_factory=list
+    )
     # chatid -> its fetch time, for chats whose fetch changed nothing
     touch: dict[str, dt.datetime] = field(default_factory=dict)
     items: list[tuple[Any, ...]] = field(default_factory=list)
@@ -111,8 +117,12 @@ class BulkWriter:
             self._upsert_chats = self._upsert_chats.returning(chats.c.chatid)
         self.members = BulkInsert(chat_members, MEMBER_COLUMNS, dialect, bound=["joined_at"])
         self.events = BulkInsert(
-            chat_events, EVENT_COLUMNS, dialect, bound=["observed_at", "is_baseline"]
+            chat_events,
+            EVENT_COLUMNS,
+            dialect,
+            bound=["observed_at", "is_baseline", "occurred_at"],
         )
+        self._upsert_members = _member_upsert(dialect.name)
         self.items = BulkInsert(sync_run_items, ITEM_COLUMNS, dialect, bound=["changed"])
 
     def write(self, conn: Connection, rows: BatchRows) -> None:
@@ -135,6 +145,10 @@ class BulkWriter:
             elif pairs:
                 keys = ("key_chatid", "key_userid", "key_now")
                 conn.execute(statement, [dict(zip(keys, row, strict=True)) for row in pairs])
+        if rows.member_states:
+            names = ("chatid", "userid", "joined_at", "left_at")
+            states = [dict(zip(names, row, strict=True)) for row in rows.member_states]
+            conn.execute(self._upsert_members, states)
         self.events.execute(conn, rows.events)
         if rows.touch and pg:
             touched = {"chatid": list(rows.touch), "last_synced_at": list(rows.touch.values())}
@@ -272,6 +286,21 @@ def _chat_upsert(dialect: str, names: tuple[str, ...]) -> Any:
     ins_pg = dialect_insert(chats)
     return ins_pg.on_conflict_do_update(
         index_elements=[chats.c.chatid], set_={n: ins_pg.excluded[n] for n in updates}
+    )
+
+
+def _member_upsert(dialect: str) -> Any:
+    """INSERT ... ON CONFLICT/DUPLICATE KEY UPDATE of a member row's two times."""
+    if dialect in {"mysql", "mariadb"}:
+        ins = mysql.insert(chat_members)
+        return ins.on_duplicate_key_update(
+            joined_at=ins.inserted.joined_at, left_at=ins.inserted.left_at
+        )
+    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    ins_pg = dialect_insert(chat_members)
+    return ins_pg.on_conflict_do_update(
+        index_elements=[chat_members.c.chatid, chat_members.c.userid],
+        set_={"joined_at": ins_pg.excluded.joined_at, "left_at": ins_pg.excluded.left_at},
     )
 
 

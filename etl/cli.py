@@ -35,6 +35,7 @@ from etl.report_html import FORMATS, render, render_audit
 from etl.runlog import RunLog
 from etl.scheduler import run_schedule
 from etl.simulator import Simulator, World
+from etl.sync import reconcile
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

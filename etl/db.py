@@ -101,10 +101,13 @@ def writing(engine: Engine) -> Iterator[Connection]:
     On SQLite it holds the database's write lock from its first statement, so that what it
     reads stays true until it commits; elsewhere writers lock the rows they decide on.
     """
-    with engine.connect() as conn:
-        conn.execution_options(**{_WRITER_OPTION: True})
-        with conn.begin():
-            yield conn
+    with engine.connect() as conn, as_writer(conn).begin():
+        yield conn
+
+
+def as_writer(conn: Connection) -> Connection:
+    """``conn``, whose transactions from now on take SQLite's write lock when they begin."""
+    return conn.execution_options(**{_WRITER_OPTION: True})
 
 
 def describe_db_error(exc: SQLAlchemyError) -> str:

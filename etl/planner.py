@@ -59,6 +59,8 @@ class ChatPlan:
     rejoined: Sequence[str]
     left: Sequence[str]
     events: Sequence[Event]
+    # (userid, joined_at, left_at) of members whose row the log sets (``explain``).
+    member_states: Sequence[tuple[str, dt.datetime, dt.datetime | None]] = ()
 
     @property
     def changed(self) -> bool:
@@ -132,3 +134,158 @@ def _chat_row(
         "raw": dict(record.raw),
         "fingerprint": record.fingerprint,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class LogRow:
+    """A ``chat_events`` row about a user (``userid``) or a field (``field``), for a replay."""
+
+    occurred_at: dt.datetime
+    id: int
+    event_type: str
+    userid: str | None
+    field: str | None
+    new_value: str | None
+
+
+def explain(
+    record: ChatRecord, stored: StoredChat | None, history: Sequence[LogRow], now: dt.datetime
+) -> ChatPlan:
+    """``plan_chat`` for a chat whose log holds events that no read has confirmed yet.
+
+    ``history`` is every log row about the users and fields those events are about, in the
+    log's order (``occurred_at``, then ``id``); the other users and fields are as stored.
+    Rows are written for exactly the differences between what was read at ``now`` and what
+    the log says at ``now``: a change an event recorded is not recorded again, a missed
+    event becomes a row at ``now``, a stale one is corrected by one. The tables then take
+    what the whole log says, these rows included: an event's time for the changes it
+    recorded (``joined_at``, ``left_at``, ``dismissed_at``), and an event later than the
+    read wins over the read.
+    """
+    users = {row.userid for row in history if row.field is None and row.userid is not None}
+    fields = {row.field for row in history if row.field is not None}
+    known = _as_logged(stored, history, now) if stored is not None else None
+    plan = plan_chat(record, known, now)
+    log = sorted([*history, *_rows_of(plan, users, fields)], key=_log_order)
+    member_states = _member_states(log, users)
+    chat_row = dict(plan.chat_row)
+    for name in fields:
+        value = _last(log, lambda row, name=name: row.field == name)
+        if value is not None:
+            chat_row[name] = _typed(name, value.new_value)
+    if "status" in fields:
+        dismissal = _last(log, lambda row: row.field == "status")
+        dismissed = dismissal is not None and dismissal.new_value == str(STATUS_DISMISSED)
+        chat_row["dismissed_at"] = dismissal.occurred_at if dismissed and dismissal else None
+    current = _members_after(plan, stored, record, users, member_states)
+    if current is not None:
+        chat_row["member_count"] = current
+    return ChatPlan(
+        plan.chatid,
+        now,
+        chat_row,
+        [u for u in plan.new_members if u not in users],
+        [u for u in plan.rejoined if u not in users],
+        [u for u in plan.left if u not in users],
+        plan.events,
+        member_states,
+    )
+
+
+# The rows this plan adds sort after every row already logged at the same time.
+_NEW_ROW_ID = 1 << 62
+
+
+def _log_order(row: LogRow) -> tuple[dt.datetime, int]:
+    return row.occurred_at, row.id
+
+
+def _rows_of(plan: ChatPlan, users: set[str], fields: set[str]) -> list[LogRow]:
+    """``plan``'s events about ``users`` and ``fields``, as log rows at the read's time."""
+    rows: list[LogRow] = []
+    for kind, userid, name, _old, new, _baseline in plan.events:
+        if (name is None and userid in users) or (name is not None and name in fields):
+            rows.append(LogRow(plan.observed_at, _NEW_ROW_ID + len(rows), kind, userid, name, new))
+    return rows
+
+
+def _last(log: Sequence[LogRow], wanted: Any) -> LogRow | None:
+    for row in reversed(log):
+        if wanted(row):
+            return row
+    return None
+
+
+def _as_logged(stored: StoredChat, history: Sequence[LogRow], now: dt.datetime) -> StoredChat:
+    """``stored`` with its users and fields replaced by what the log says at ``now``."""
+    attributes = dict(stored.attributes)
+    members = dict(stored.members)
+    dismissed_at = stored.dismissed_at
+    for row in history:  # in the log's order: the last row at or before now wins
+        if row.occurred_at > now:
+            break
+        if row.field is not None:
+            attributes[row.field] = _typed(row.field, row.new_value)
+            if row.field == "status":
+                dismissed = row.new_value == str(STATUS_DISMISSED)
+                dismissed_at = row.occurred_at if dismissed else None
+        elif row.userid is not None:
+            members[row.userid] = None if row.event_type == "member_joined" else row.occurred_at
+    return StoredChat(
+        attributes=attributes,
+        member_count=stored.member_count,
+        first_seen_at=stored.first_seen_at,
+        last_changed_at=stored.last_changed_at,
+        dismissed_at=dismissed_at,
+        members=members,
+    )
+
+
+def _member_states(
+    log: Sequence[LogRow], users: set[str]
+) -> list[tuple[str, dt.datetime, dt.datetime | None]]:
+    """(userid, joined_at, left_at) of each of ``users`` that ever joined, from the log."""
+    joined: dict[str, dt.datetime] = {}
+    left: dict[str, dt.datetime | None] = {}
+    for row in log:
+        if row.field is not None or row.userid not in users:
+            continue
+        if row.event_type == "member_joined":
+            joined[row.userid], left[row.userid] = row.occurred_at, None
+        elif row.event_type == "member_left":
+            left[row.userid] = row.occurred_at
+    return [(userid, joined[userid], left[userid]) for userid in sorted(joined)]
+
+
+def _members_after(
+    plan: ChatPlan,
+    stored: StoredChat | None,
+    record: ChatRecord,
+    users: set[str],
+    states: Sequence[tuple[str, dt.datetime, dt.datetime | None]],
+) -> int | None:
+    """The member count once the log's users are settled; None when they change nothing."""
+    if not users:
+        return None
+    if record.members is not None:
+        base = set(record.members)
+    elif stored is not None:
+        base = {userid for userid, left_at in stored.members.items() if left_at is None}
+    else:
+        return None
+    base -= users
+    base |= {userid for userid, _joined, left_at in states if left_at is None}
+    return len(base)
+
+
+_INTEGER_FIELDS = frozenset(ATTRIBUTE_FIELDS) - {"name", "owner_userid", "icon"}
+
+
+def _typed(name: str, value: str | None) -> AttrValue:
+    """An attribute's value as the ``chats`` column holds it, from the log's text."""
+    if value is None or name not in _INTEGER_FIELDS:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        return value

@@ -16,17 +16,18 @@ import contextlib
 import datetime as dt
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, Engine, bindparam, select
+from sqlalchemy import Connection, Engine, bindparam, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from etl.bulk import BatchRows, BulkWriter, padded
-from etl.db import describe_db_error
+from etl.db import as_writer, describe_db_error, utcnow
 from etl.errors import DatabaseFailure
+from etl.eventstore import RECONCILED_OUTCOMES, mark_reconciled
 from etl.normalize import ATTRIBUTE_FIELDS, ChatRecord
-from etl.planner import ChatPlan, StoredChat, plan_chat
-from etl.schema import chat_members, chats
+from etl.planner import ChatPlan, LogRow, StoredChat, explain, plan_chat
+from etl.schema import chat_events, chat_members, chats, pushed_events
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +45,46 @@ class ChatOutcome:
 
 # Built once: constructing a statement costs SQLAlchemy more than running a cached one, and
 # these run for every batch of every sync.
-_SELECT_FINGERPRINTS = select(chats.c.chatid, chats.c.fingerprint).where(
-    chats.c.chatid.in_(bindparam("chatids", expanding=True))
+# FOR UPDATE: an event for one of these chats (etl.eventstore) waits for this batch, and
+# this batch for it (SQLite: the writer's lock does the same).
+_SELECT_FINGERPRINTS = (
+    select(chats.c.chatid, chats.c.fingerprint)
+    .where(chats.c.chatid.in_(bindparam("chatids", expanding=True)))
+    .with_for_update()
+)
+# The batch's events that no read of their chat has confirmed yet, with what they are about.
+_SELECT_UNCONFIRMED = (
+    select(
+        pushed_events.c.chatid, pushed_events.c.event_id, chat_events.c.userid, chat_events.c.field
+    )
+    .select_from(
+        pushed_events.outerjoin(chat_events, chat_events.c.event_id == pushed_events.c.event_id)
+    )
+    .where(
+        pushed_events.c.chatid.in_(bindparam("chatids", expanding=True)),
+        pushed_events.c.reconciled_at.is_(None),
+        pushed_events.c.outcome.in_(RECONCILED_OUTCOMES),
+    )
+)
+_SELECT_HISTORY = (
+    select(
+        chat_events.c.chatid,
+        chat_events.c.occurred_at,
+        chat_events.c.id,
+        chat_events.c.event_type,
+        chat_events.c.userid,
+        chat_events.c.field,
+        chat_events.c.new_value,
+    )
+    .where(
+        chat_events.c.chatid.in_(bindparam("chatids", expanding=True)),
+        or_(
+            chat_events.c.userid.in_(bindparam("userids", expanding=True)),
+            chat_events.c.field.in_(bindparam("fields", expanding=True)),
+        ),
+        chat_events.c.event_type.in_(("member_joined", "member_left", "attribute_changed")),
+    )
+    .order_by(chat_events.c.chatid, chat_events.c.occurred_at, chat_events.c.id)
 )
 _SELECT_STORED = select(
     chats.c.chatid,
@@ -94,7 +133,7 @@ class Store:
         """
         conn = self._writer
         if conn is None or conn.closed or conn.invalidated:
-            conn = self._writer = self.engine.connect()
+            conn = self._writer = as_writer(self.engine.connect())
         with conn.begin():
             yield conn
 
@@ -118,16 +157,32 @@ class Store:
 
     def _write(self, conn: Connection, run_id: int, outcomes: Sequence[ChatOutcome]) -> list[bool]:
         records = [o.record for o in outcomes if o.record is not None]
+        chatids = [r.chatid for r in records]
         # Fingerprints first: most chats need nothing else of their stored state.
-        known = _fingerprints(conn, [r.chatid for r in records]) if records else {}
-        changed = [r for r in records if known.get(r.chatid) != r.fingerprint]
+        known = _fingerprints(conn, chatids) if records else {}
+        unconfirmed = _unconfirmed(conn, chatids) if records else Unconfirmed()
+        changed = [
+            r
+            for r in records
+            if known.get(r.chatid) != r.fingerprint or r.chatid in unconfirmed.event_ids
+        ]
         stored = _stored_chats(conn, [r for r in changed if r.chatid in known])
+        history = _history(conn, unconfirmed)
         rows = BatchRows()
         changes: list[bool] = []
         for outcome in outcomes:
             record, is_changed = outcome.record, False
             if record is None:
                 pass
+            elif record.chatid in unconfirmed.event_ids:
+                plan = explain(
+                    record,
+                    stored.get(record.chatid),
+                    history.get(record.chatid, ()),
+                    outcome.observed_at,
+                )
+                self._add_plan(rows, run_id, plan)
+                is_changed = plan.changed
             elif known.get(record.chatid) == record.fingerprint:
                 rows.touch[record.chatid] = outcome.observed_at
             else:
@@ -148,6 +203,12 @@ class Store:
             )
             changes.append(is_changed)
         self._bulk.write(conn, rows)
+        confirmed = [
+            event_id
+            for chatid in {r.chatid for r in records}
+            for event_id in unconfirmed.event_ids.get(chatid, ())
+        ]
+        mark_reconciled(conn, confirmed, utcnow())
         return changes
 
     def _add_plan(self, rows: BatchRows, run_id: int, plan: ChatPlan) -> None:
@@ -158,9 +219,24 @@ class Store:
         rows.members.extend((chatid, userid, joined_at) for userid in plan.new_members)
         rows.rejoins.extend((chatid, userid, now) for userid in plan.rejoined)
         rows.leaves.extend((chatid, userid, now) for userid in plan.left)
+        rows.member_states.extend((chatid, *state) for state in plan.member_states)
         observed_at, baseline = self._bulk.events.bind("observed_at", now), self._baseline
+        # A poll row's change happened when it was observed, as far as anyone knows.
+        occurred_at = self._bulk.events.bind("occurred_at", now)
         rows.events.extend(
-            (run_id, chatid, observed_at, kind, userid, field, old, new, baseline[is_baseline])
+            (
+                run_id,
+                chatid,
+                observed_at,
+                kind,
+                userid,
+                field,
+                old,
+                new,
+                baseline[is_baseline],
+                "poll",
+                occurred_at,
+            )
             for kind, userid, field, old, new, is_baseline in plan.events
         )
 
@@ -171,6 +247,53 @@ def _fingerprints(conn: Connection, chatids: list[str]) -> dict[str, str]:
     return {
         chatid: fingerprint for chatid, fingerprint in conn.execute(_SELECT_FINGERPRINTS, params)
     }
+
+
+@dataclass
+class Unconfirmed:
+    """A batch's events that wait for a read of their chat, and the users and fields they
+    are about (an event with no rows of its own, e.g. a discovery, is about nothing)."""
+
+    event_ids: dict[str, list[str]] = field(default_factory=dict)
+    users: dict[str, set[str]] = field(default_factory=dict)
+    fields: dict[str, set[str]] = field(default_factory=dict)
+
+
+def _unconfirmed(conn: Connection, chatids: list[str]) -> Unconfirmed:
+    found = Unconfirmed()
+    for chatid, event_id, userid, name in conn.execute(
+        _SELECT_UNCONFIRMED, {"chatids": padded(chatids)}
+    ):
+        ids = found.event_ids.setdefault(chatid, [])
+        if event_id not in ids:
+            ids.append(event_id)
+        if name is not None:
+            found.fields.setdefault(chatid, set()).add(name)
+        elif userid is not None:
+            found.users.setdefault(chatid, set()).add(userid)
+    return found
+
+
+def _history(conn: Connection, unconfirmed: Unconfirmed) -> dict[str, list[LogRow]]:
+    """Every log row about the users and fields of each chat's unconfirmed events."""
+    chatids = sorted(set(unconfirmed.users) | set(unconfirmed.fields))
+    if not chatids:
+        return {}
+    users = sorted(set().union(*unconfirmed.users.values())) or [""]
+    fields = sorted(set().union(*unconfirmed.fields.values())) or [""]
+    history: dict[str, list[LogRow]] = {}
+    params = {"chatids": chatids, "userids": users, "fields": fields}
+    for chatid, occurred_at, row_id, kind, userid, name, new_value in conn.execute(
+        _SELECT_HISTORY, params
+    ):
+        # The query's IN lists mix the chats' users and fields: keep each chat's own.
+        if name is not None and name not in unconfirmed.fields.get(chatid, ()):
+            continue
+        if name is None and userid not in unconfirmed.users.get(chatid, ()):
+            continue
+        row = LogRow(occurred_at, row_id, kind, userid, name, new_value)
+        history.setdefault(chatid, []).append(row)
+    return history
 
 
 def _stored_chats(conn: Connection, records: list[ChatRecord]) -> dict[str, StoredChat]:

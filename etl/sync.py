@@ -415,3 +415,10 @@ class _Run:
             duration_seconds=round(result.duration_seconds, 3),
             error=result.error,
         )
+
+
+def reconcile(
+    config: Config, chatids: Sequence[str], *, stop: threading.Event | None = None
+) -> RunResult:
+    """Re-read chats that received events: a run with trigger 'event' (``etl.listener``)."""
+    return run_sync(config, chatids=chatids, trigger="event", stop=stop)
