@@ -29,7 +29,12 @@ from etl.errors import EtlError, ExitCode
 from etl.listener import run_listen
 from etl.lock import run_lock
 from etl.logs import configure_logging
-from etl.monitoring import monitored_sync, parse_duration, read_health
+from etl.monitoring import (
+    listener_metrics_writer,
+    monitored_sync,
+    parse_duration,
+    read_health,
+)
 from etl.output import plain, to_table, write_text_atomic
 from etl.report_html import FORMATS, render, render_audit
 from etl.runlog import RunLog
@@ -286,7 +291,12 @@ def listen(obj: _Ctx) -> None:
     stop = threading.Event()
     with _errors(), _stop_on_signals(stop):
         config = obj.load(need_api=True)
-        run_listen(config, stop, lambda chatids: reconcile(config, chatids, stop=stop))
+        run_listen(
+            config,
+            stop,
+            lambda chatids: reconcile(config, chatids, stop=stop),
+            on_stats=listener_metrics_writer(config),
+        )
 
 
 def _check_duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:

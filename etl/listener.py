@@ -315,6 +315,8 @@ def run_listen(
     config: Config,
     stop: threading.Event,
     reconcile: Callable[[Sequence[str]], object],
+    *,
+    on_stats: Callable[[ListenerStats], None] | None = None,
 ) -> None:
     """``dingtalk-etl listen``: listen and reconcile until ``stop`` is set.
 
@@ -329,7 +331,7 @@ def run_listen(
         ).start()
         try:
             reconciler.resume(EventStore(engine).waiting_chats())
-            Listener(config, engine, stop, on_event=reconciler.touch).run()
+            Listener(config, engine, stop, on_event=reconciler.touch, on_stats=on_stats).run()
         finally:
             stop.set()
             reconciler.join()

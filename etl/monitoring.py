@@ -34,6 +34,7 @@ from etl.errors import (
     describe_exception,
     exit_code_for,
 )
+from etl.eventstore import EventStore, ListenerLog
 from etl.output import plain, write_text_atomic
 from etl.runlog import RunLog
 from etl.sync import RunResult, run_sync
@@ -233,6 +234,60 @@ def write_metrics(path: Path, metrics: RunMetrics) -> None:
         log.error("monitoring.metrics_failed", path=str(path), error=exc.strerror or str(exc))
 
 
+def listener_metrics_path(metrics_path: Path) -> Path:
+    """The listener's own file beside the runs' (``x.prom`` -> ``x-events.prom``): two
+    processes replacing one file would each drop the other's metrics."""
+    return metrics_path.with_name(f"{metrics_path.stem}-events{metrics_path.suffix}")
+
+
+def render_listener_metrics(stats: Any) -> str:
+    """The Prometheus text for a listener's ``ListenerStats``."""
+    last_event = stats.last_event_at.timestamp() if stats.last_event_at is not None else 0
+    samples = [
+        (
+            "events_connected",
+            "gauge",
+            "1 while the Stream connection is up, else 0.",
+            stats.connected,
+        ),
+        ("events_received_total", "counter", "Group events received.", stats.events_received),
+        (
+            "events_ignored_total",
+            "counter",
+            "Frames and events ignored: unreadable, other types, invalid, unknown chats.",
+            stats.events_ignored,
+        ),
+        (
+            "events_last_event_timestamp_seconds",
+            "gauge",
+            "When the last event was received, in seconds since the epoch; 0 if none.",
+            last_event,
+        ),
+        ("events_reconnects_total", "counter", "Connections opened again.", stats.reconnects),
+    ]
+    lines: list[str] = []
+    for name, kind, help_text, value in samples:
+        lines.append(f"# HELP {METRIC_PREFIX}{name} {help_text}")
+        lines.append(f"# TYPE {METRIC_PREFIX}{name} {kind}")
+        lines.append(f"{METRIC_PREFIX}{name} {_number(float(value))}")
+    return "\n".join(lines) + "\n"
+
+
+def listener_metrics_writer(config: Config) -> Any:
+    """A callback that writes the listener's metrics file, or None without [monitoring]."""
+    if config.metrics_path is None:
+        return None
+    path = listener_metrics_path(config.metrics_path)
+
+    def write(stats: Any) -> None:
+        try:
+            write_text_atomic(path, render_listener_metrics(stats), mode=0o644)
+        except OSError as exc:
+            log.error("monitoring.metrics_failed", path=str(path), error=exc.strerror or str(exc))
+
+    return write
+
+
 def _last_success(config: Config) -> dt.datetime | None:
     """When the last succeeded run finished (epoch 0 if never); None if the database cannot say."""
     try:
@@ -338,6 +393,24 @@ class Health:
     running: dict[str, Any] | None  # a newer run still marked running
     last_success: dict[str, Any] | None
     failing_chats: list[dict[str, Any]] = field(default_factory=list)
+    # The most recently active `listen` (event_listeners row), if any ever ran.
+    listener: dict[str, Any] | None = None
+    events_waiting: int = 0
+    discovered_chats: int = 0
+
+    @property
+    def listener_silence_seconds(self) -> float | None:
+        """How long the listener has heard nothing (no frame); None without a listener."""
+        if self.listener is None:
+            return None
+        heard: dt.datetime = self.listener["last_frame_at"] or self.listener["started_at"]
+        return max(0.0, (self.checked_at - heard).total_seconds())
+
+    @property
+    def listener_silent(self) -> bool:
+        silence = self.listener_silence_seconds
+        limit = self.max_age_seconds
+        return silence is not None and limit is not None and silence > limit
 
     @property
     def success_age_seconds(self) -> float | None:
@@ -349,7 +422,7 @@ class Health:
     @property
     def healthy(self) -> bool:
         age = self.success_age_seconds
-        if age is None:
+        if age is None or self.listener_silent:
             return False
         return self.max_age_seconds is None or age <= self.max_age_seconds
 
@@ -362,9 +435,14 @@ class Health:
         if age is None or self.last_success is None:
             return "STALE: no successful run recorded"
         seen = f"last success {format_duration(age)} ago (run {self.last_success['id']})"
-        if not self.healthy:
-            assert self.max_age_seconds is not None
+        if self.max_age_seconds is not None and age > self.max_age_seconds:
             return f"STALE: {seen}, more than the allowed {format_duration(self.max_age_seconds)}"
+        silence = self.listener_silence_seconds
+        if self.listener_silent and silence is not None and self.max_age_seconds is not None:
+            return (
+                f"STALE: the event listener has heard nothing for {format_duration(silence)}, "
+                f"more than the allowed {format_duration(self.max_age_seconds)}"
+            )
         return f"OK: {seen}"
 
     def lines(self) -> list[str]:
@@ -400,7 +478,28 @@ class Health:
                     lines.append(f"  {item['chatid']}: {error[:200]}")
             else:
                 lines.append(f"failing chats in run {run['id']}: none")
+        lines.extend(self._listener_lines())
         return lines
+
+    def _listener_lines(self) -> list[str]:
+        listener = self.listener
+        if listener is None:
+            return []
+        if listener["stopped_at"] is not None:
+            state = f"stopped {_when(listener['stopped_at'])}"
+        elif listener["connected"]:
+            state = f"connected since {_when(listener['connected_since'])}"
+        else:
+            state = "not connected"
+        silence = self.listener_silence_seconds
+        heard = "-" if silence is None else f"{format_duration(silence)} ago"
+        return [
+            f"event listener: {state} ({listener['hostname']} pid {listener['pid']}); "
+            f"last frame {heard}; last event {_when(listener['last_event_at'])}",
+            f"events: {listener['events_received']} received, {listener['events_ignored']} "
+            f"ignored, {self.events_waiting} waiting for their reconcile; "
+            f"{listener['reconnects']} reconnects; {self.discovered_chats} chats discovered",
+        ]
 
     def as_json(self) -> dict[str, Any]:
         def row(value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -421,6 +520,9 @@ class Health:
                 {k: item[k] for k in ("chatid", "errcode", "error", "attempts")}
                 for item in self.failing_chats
             ],
+            "listener": row(self.listener),
+            "events_waiting": self.events_waiting,
+            "discovered_chats": self.discovered_chats,
         }
 
 
@@ -443,6 +545,10 @@ def read_health(
         failing: list[dict[str, Any]] = []
         if last_run is not None:
             failing = [i for i in runlog.run_items(last_run["id"]) if i["status"] == "failed"]
+        listeners = ListenerLog(engine)
+        listener = listeners.latest()
+        waiting = listeners.waiting_events()
+        discovered = len(EventStore(engine).discovered())
     running = latest if latest is not None and latest["status"] == "running" else None
     return Health(
         checked_at=now or utcnow(),
@@ -451,4 +557,7 @@ def read_health(
         running=running,
         last_success=last_success,
         failing_chats=failing,
+        listener=listener,
+        events_waiting=waiting,
+        discovered_chats=discovered,
     )
