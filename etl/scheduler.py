@@ -17,7 +17,11 @@ import datetime as dt
 import logging
 import math
 import random
+import signal
+import subprocess
+import sys
 import threading
+import time
 import zoneinfo
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -160,10 +164,17 @@ class SyncScheduler:
         )
         if self.stop.is_set():
             return
-        with _quiet_apscheduler():
-            self._scheduler.start()  # blocks until _shutdown_on_stop shuts it down
-            with self._running:  # the run in hand, if any, has finished
-                pass
+        listener = ListenerProcess(self.config, self.stop) if self.config.events.enabled else None
+        try:
+            if listener is not None:
+                listener.start()
+            with _quiet_apscheduler():
+                self._scheduler.start()  # blocks until _shutdown_on_stop shuts it down
+                with self._running:  # the run in hand, if any, has finished
+                    pass
+        finally:
+            if listener is not None:
+                listener.join()
         log.info("schedule.stopped")
 
     # -- scheduler callbacks (APScheduler's threads) -----------------------------------------
@@ -257,6 +268,61 @@ class SyncScheduler:
             return None
         when: dt.datetime = job.next_run_time
         return when
+
+
+class ListenerProcess:
+    """`dingtalk-etl listen` in a process of its own beside the scheduler ([events] enabled).
+
+    Started with the same configuration file and environment; stderr is shared, so its log
+    lines go where the scheduler's go. A listener that ends is started again after a pause
+    that doubles up to ``RESTART_MAX_SECONDS`` (a refused credential will not fix itself, but
+    an operator who fixes the file should not have to restart the service). On ``stop`` it
+    gets SIGTERM, and SIGKILL if it has not ended ``STOP_TIMEOUT_SECONDS`` later.
+    """
+
+    RESTART_SECONDS: Final = 5.0
+    RESTART_MAX_SECONDS: Final = 300.0
+    STOP_TIMEOUT_SECONDS: Final = 30.0
+
+    def __init__(self, config: Config, stop: threading.Event) -> None:
+        self._args = [sys.executable, "-m", "etl", "--config", str(config.path), "listen"]
+        self._stop = stop
+        self._thread = threading.Thread(target=self._supervise, name="listener", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _supervise(self) -> None:
+        pause = self.RESTART_SECONDS
+        while not self._stop.is_set():
+            started = time.monotonic()
+            process = subprocess.Popen(self._args, stdin=subprocess.DEVNULL)
+            log.info("schedule.listener_started", pid=process.pid)
+            while process.poll() is None:
+                if self._stop.wait(0.5):
+                    self._terminate(process)
+                    return
+            if time.monotonic() - started > self.RESTART_MAX_SECONDS:
+                pause = self.RESTART_SECONDS  # it had been running well: no penalty
+            log.error(
+                "schedule.listener_exited", exit_code=process.returncode, restart_in_seconds=pause
+            )
+            if self._stop.wait(pause):
+                return
+            pause = min(pause * 2, self.RESTART_MAX_SECONDS)
+
+    def _terminate(self, process: subprocess.Popen[bytes]) -> None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=self.STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.info("schedule.listener_stopped", exit_code=process.returncode)
 
 
 def _check_database(config: Config) -> None:
