@@ -21,7 +21,12 @@ from tests.conftest import APP_KEY, APP_SECRET, IN_CI
 from tests.test_schedule import write_config
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-UNITS = ["dingtalk-etl.service", "dingtalk-etl.timer", "dingtalk-etl-schedule.service"]
+UNITS = [
+    "dingtalk-etl.service",
+    "dingtalk-etl.timer",
+    "dingtalk-etl-schedule.service",
+    "dingtalk-etl-listen.service",
+]
 INSTALLED_BINARY = "/usr/local/bin/dingtalk-etl"
 BINARY = Path(sys.executable).parent / "dingtalk-etl"
 
@@ -84,6 +89,12 @@ EXPECTED: list[tuple[str, str, list[str]]] = [
         ["/var/lib/dingtalk-etl", "-/var/lib/node_exporter/textfile_collector"],
     ),
     ("dingtalk-etl.service", "Service.KillSignal", ["SIGTERM"]),
+    ("dingtalk-etl-listen.service", "Service.Type", ["simple"]),
+    ("dingtalk-etl-listen.service", "Service.Restart", ["on-failure"]),
+    ("dingtalk-etl-listen.service", "Service.RestartPreventExitStatus", ["2 78"]),
+    ("dingtalk-etl-listen.service", "Service.KillSignal", ["SIGTERM"]),
+    ("dingtalk-etl-listen.service", "Service.EnvironmentFile", ["/etc/dingtalk-etl/env"]),
+    ("dingtalk-etl-listen.service", "Service.NoNewPrivileges", ["yes"]),
     ("dingtalk-etl-schedule.service", "Service.Type", ["simple"]),
     ("dingtalk-etl-schedule.service", "Service.Restart", ["on-failure"]),
     ("dingtalk-etl-schedule.service", "Service.RestartPreventExitStatus", ["2 78"]),
@@ -104,8 +115,12 @@ def test_unit_settings(unit: str, key: str, values: list[str]) -> None:
 
 @pytest.mark.parametrize(
     ("unit", "command"),
-    [("dingtalk-etl.service", "sync"), ("dingtalk-etl-schedule.service", "schedule")],
-    ids=["timer-service", "schedule-service"],
+    [
+        ("dingtalk-etl.service", "sync"),
+        ("dingtalk-etl-schedule.service", "schedule"),
+        ("dingtalk-etl-listen.service", "listen"),
+    ],
+    ids=["timer-service", "schedule-service", "listen-service"],
 )
 def test_units_run_the_command_with_the_config(unit: str, command: str) -> None:
     assert unit_settings(unit)["Service.ExecStart"] == [
