@@ -39,7 +39,7 @@ from etl.output import plain, to_table, write_text_atomic
 from etl.report_html import FORMATS, render, render_audit
 from etl.runlog import RunLog
 from etl.scheduler import run_schedule
-from etl.simulator import Simulator, World
+from etl.simulator import Simulator, StreamGateway, World
 from etl.sync import reconcile
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -417,6 +417,18 @@ def status(obj: _Ctx, max_age: int | None, as_json: bool) -> None:
     type=click.IntRange(min=0),
     help="Delay every answer by MS milliseconds.",
 )
+@click.option(
+    "--stream-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the Stream-mode gateway and its websocket bind.",
+)
+@click.option(
+    "--stream-port",
+    type=click.IntRange(0, 65535),
+    help="Port of the Stream-mode gateway (0 picks a free one). Default: 8766, or 0 when "
+    "--port is 0.",
+)
 def simulate(
     host: str,
     port: int,
@@ -428,6 +440,8 @@ def simulate(
     mutate_seed: int,
     rate_limit: int | None,
     latency_ms: int | None,
+    stream_host: str,
+    stream_port: int | None,
 ) -> None:
     """Serve a local DingTalk simulator (gettoken, chat/get) until Ctrl-C or SIGTERM.
 
@@ -438,6 +452,11 @@ def simulate(
       base_url = "http://127.0.0.1:8765"
       app_key = "demo-key"
       app_secret = "demo-secret"
+      [events]
+      gateway_url = "http://127.0.0.1:8766"
+
+    The Stream-mode gateway pushes a group event for each change made to the world while it
+    serves (none for --mutate, which changes the world before).
 
     A generated world (--generate) has chats from ten to --max-members members drawn from
     one pool of users, so users share chats; chatids are gen-000001, gen-000002 ... To see
@@ -471,6 +490,18 @@ def simulate(
         sim.start()
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", ExitCode.FAILED)
+    if stream_port is None:
+        # A free port for both when the caller asked for one: a fixed default would make
+        # parallel simulators collide.
+        stream_port = 0 if port == 0 else 8766
+    try:
+        gateway = StreamGateway(world, host=stream_host, port=stream_port).start()
+    except OSError as exc:
+        sim.stop()
+        _fail(
+            f"cannot listen on {stream_host}:{stream_port}: {exc.strerror or exc}",
+            ExitCode.FAILED,
+        )
     memberships = sum(len(chat.useridlist) for chat in world.chats.values())
     click.echo(
         f"DingTalk simulator on {sim.base_url} ({len(world.chats)} chats, "
@@ -489,10 +520,12 @@ def simulate(
             f"  rate limit {world.rate_limit or 'none'} calls/s per API, "
             f"latency {world.latency_ms} ms"
         )
+    click.echo(f"  Stream gateway on {gateway.gateway_url} ([events] gateway_url)")
     click.echo("Ctrl-C to stop.")
     done = threading.Event()
     with _stop_on_signals(done):
         done.wait()
+    gateway.stop()
     sim.stop()
     stats = world.stats
     click.echo(f"served {stats.total_requests} requests, {stats.throttled} throttled")

@@ -756,9 +756,12 @@ def test_a_second_front_shares_tokens_faults_and_stats(
 # -- boundary --------------------------------------------------------------------------------
 
 
-def test_package_imports_only_the_standard_library() -> None:
+def test_package_imports_only_the_standard_library_and_websockets() -> None:
+    """Nothing from the rest of etl; besides the standard library, only ``websockets``, and
+    only in the Stream-mode front."""
     package = Path(etl.simulator.__file__).parent
     foreign = []
+    websockets_users = set()
     for module in sorted(package.glob("*.py")):
         for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
@@ -770,6 +773,9 @@ def test_package_imports_only_the_standard_library() -> None:
             for name in names:
                 top = name.partition(".")[0]
                 own = name == "etl.simulator" or name.startswith("etl.simulator.")
-                if not (own or top == "__future__" or top in sys.stdlib_module_names):
+                if top == "websockets":
+                    websockets_users.add(module.name)
+                elif not (own or top == "__future__" or top in sys.stdlib_module_names):
                     foreign.append(f"{module.name}: {name}")
     assert foreign == []
+    assert websockets_users == {"stream.py"}

@@ -1,16 +1,21 @@
-"""A local stand-in for DingTalk: the ``gettoken`` and ``chat/get`` endpoints over real HTTP.
+"""A local stand-in for DingTalk: ``gettoken`` and ``chat/get`` over real HTTP, and the
+Stream-mode gateway that pushes group events over a real websocket.
 
-Boundary: this package is test, demo and benchmark infrastructure. It uses only the standard
-library and imports nothing from the rest of ``etl``, so the sync code can only reach it over
-real HTTP, exactly as it reaches ``oapi.dingtalk.com``; nothing here can leak into, or mask a bug
-in, the production path.
+Boundary: this package is test, demo and benchmark infrastructure. It uses the standard library
+and, for the Stream-mode websocket only, the third-party ``websockets`` package; it imports
+nothing from the rest of ``etl``, so the sync code can only reach it over the network, exactly
+as it reaches ``oapi.dingtalk.com`` and ``api.dingtalk.com``; nothing here can leak into, or
+mask a bug in, the production path.
 
-It models what the sync job depends on (see ``dingtalk-api-notes.md``): token issue, reuse and
-expiry; the ``chat_info`` payload; DingTalk's errcodes answered with HTTP 200; a per-API
-sliding-window rate limit; and scripted faults (errcodes, proxy pages, IP-block JSON, slow,
-truncated and reset responses) consumed once each in FIFO order. The :class:`World` can be
-changed while the server runs, tells listeners about each change, and records statistics that
-tests assert on.
+It models what the sync job depends on (see ``dingtalk-api-notes.md`` and
+``dingtalk-events.md``): token issue, reuse and expiry; the ``chat_info`` payload; DingTalk's
+errcodes answered with HTTP 200; a per-API sliding-window rate limit; scripted faults
+(errcodes, proxy pages, IP-block JSON, slow, truncated and reset responses) consumed once each
+in FIFO order; and Stream mode: one-use tickets, event and ping frames, ACKs, redelivery, and
+scripted faults of its own (dropped, silent and disconnected sockets, duplicated, reordered,
+delayed, lost and malformed pushes, refused connections). The :class:`World` can be changed
+while the fronts serve it, tells listeners about each change (the gateway turns them into
+events), and records statistics that tests assert on.
 
 Modules, each importing only those listed before it:
 
@@ -18,8 +23,11 @@ Modules, each importing only those listed before it:
   :mod:`~etl.simulator.tokens` (access tokens), :mod:`~etl.simulator.ratelimit` (admission);
 - :mod:`~etl.simulator.scenario` (scenario files, generated chats, planned mutations);
 - :mod:`~etl.simulator.world` (the state, its lock, change listeners, statistics);
+- :mod:`~etl.simulator.events` (the group event a change pushes, stream fault specs, delivery
+  records and counters: data only);
 - :mod:`~etl.simulator.api` (what DingTalk answers to a call, whatever carries it);
-- fronts that carry calls: :mod:`~etl.simulator.http` (:class:`Simulator`).
+- fronts that carry calls: :mod:`~etl.simulator.http` (:class:`Simulator`), and
+  :mod:`~etl.simulator.stream` (:class:`StreamGateway`, Stream mode, from the world's changes).
 """
 
 from etl.simulator.api import (
@@ -33,9 +41,19 @@ from etl.simulator.api import (
     errmsg_for,
 )
 from etl.simulator.chat import CHAT_INFO_KEYS, SimChat
+from etl.simulator.events import (
+    GROUP_EVENT_TYPES,
+    AckRecord,
+    Delivery,
+    StreamFault,
+    StreamStats,
+    open_conversation_id,
+    union_id,
+)
 from etl.simulator.faults import Fault, FaultKind, FaultQueue
 from etl.simulator.http import Simulator
 from etl.simulator.ratelimit import RateLimiter
+from etl.simulator.stream import OPEN_CONNECTION_PATH, StreamGateway
 from etl.simulator.tokens import TokenService, TokenState
 from etl.simulator.world import ChangeKind, SimStats, World, WorldChange, WorldListener
 
@@ -44,10 +62,14 @@ __all__ = [
     "CHAT_INFO_KEYS",
     "GETTOKEN_FAULT_KEY",
     "GETTOKEN_PATH",
+    "GROUP_EVENT_TYPES",
+    "OPEN_CONNECTION_PATH",
     "THROTTLED_ERRMSG",
+    "AckRecord",
     "Admission",
     "Answer",
     "ChangeKind",
+    "Delivery",
     "DingTalkApi",
     "Fault",
     "FaultKind",
@@ -56,10 +78,15 @@ __all__ = [
     "SimChat",
     "SimStats",
     "Simulator",
+    "StreamFault",
+    "StreamGateway",
+    "StreamStats",
     "TokenService",
     "TokenState",
     "World",
     "WorldChange",
     "WorldListener",
     "errmsg_for",
+    "open_conversation_id",
+    "union_id",
 ]

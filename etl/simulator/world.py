@@ -112,15 +112,19 @@ def _norm_path(path: str) -> str:
     return path if path.startswith("/") else "/" + path
 
 
-ChangeKind = Literal["members_added", "members_removed", "attribute_changed", "dismissed"]
+ChangeKind = Literal[
+    "members_added", "members_removed", "member_quit", "attribute_changed", "dismissed"
+]
 
 
 @dataclass(frozen=True)
 class WorldChange:
     """One change to a chat, as listeners see it.
 
-    ``userids`` are the members actually added or removed, in order; ``field``, ``old`` and
-    ``new`` describe an attribute change. ``at`` is the wall-clock time of the change.
+    ``userids`` are the members actually added or removed, in order; ``member_quit`` is a
+    removal too, of the one member who left on their own. ``field``, ``old`` and ``new``
+    describe an attribute change. ``at`` is the wall-clock time of the change; ``operator`` the
+    userid who made it (the chat's owner unless the caller named someone else).
     """
 
     kind: ChangeKind
@@ -130,6 +134,7 @@ class WorldChange:
     field: str = ""
     old: Any = None
     new: Any = None
+    operator: str | None = None
 
 
 WorldListener = Callable[[WorldChange], None]
@@ -193,9 +198,9 @@ class World:
 
         return unsubscribe
 
-    def _notify(self, kind: ChangeKind, chatid: str, **details: Any) -> None:
+    def _notify(self, kind: ChangeKind, chatid: str, operator: str, **details: Any) -> None:
         if self._listeners:
-            change = WorldChange(kind, chatid, time.time(), **details)
+            change = WorldChange(kind, chatid, time.time(), operator=operator, **details)
             for listener in list(self._listeners):
                 listener(change)
 
@@ -219,9 +224,13 @@ class World:
         with self.lock:
             return sorted(self.chats)
 
-    def add_members(self, chatid: str, userids: Iterable[str]) -> None:
+    def add_members(
+        self, chatid: str, userids: Iterable[str], *, operator: str | None = None
+    ) -> None:
+        """Add the userids not yet members; ``operator`` (default: the owner) added them."""
         with self.lock:
             chat = self.chat(chatid)
+            operator = chat.owner if operator is None else operator
             present = set(chat.useridlist)
             added: list[str] = []
             for userid in userids:
@@ -230,32 +239,54 @@ class World:
                     present.add(userid)
                     added.append(userid)
             if added:
-                self._notify("members_added", chatid, userids=tuple(added))
+                self._notify("members_added", chatid, operator, userids=tuple(added))
 
-    def remove_members(self, chatid: str, userids: Iterable[str]) -> None:
+    def remove_members(
+        self, chatid: str, userids: Iterable[str], *, operator: str | None = None
+    ) -> None:
+        """Remove the userids that are members; ``operator`` (default: the owner) removed them."""
         with self.lock:
             chat = self.chat(chatid)
+            operator = chat.owner if operator is None else operator
             leaving = set(userids)
             removed = tuple(u for u in chat.useridlist if u in leaving)
             chat.useridlist = [u for u in chat.useridlist if u not in leaving]
             if removed:
-                self._notify("members_removed", chatid, userids=removed)
+                self._notify("members_removed", chatid, operator, userids=removed)
 
-    def dismiss(self, chatid: str, keep_members: bool = False) -> None:
-        """Set status 2 and, unless ``keep_members``, empty the member list; listeners get one
-        ``dismissed`` change and no member changes, as DingTalk reports a disbanded group."""
+    def quit(self, chatid: str, userid: str) -> None:
+        """``userid`` leaves the chat on their own: a ``member_quit`` change they operated.
+
+        The owner field is left as it is: a test that wants the owner to leave changes the
+        owner first, as DingTalk requires."""
         with self.lock:
             chat = self.chat(chatid)
+            if userid in chat.useridlist:
+                chat.useridlist = [u for u in chat.useridlist if u != userid]
+                self._notify("member_quit", chatid, userid, userids=(userid,))
+
+    def dismiss(
+        self, chatid: str, keep_members: bool = False, *, operator: str | None = None
+    ) -> None:
+        """Set status 2 and, unless ``keep_members``, empty the member list; listeners get one
+        ``dismissed`` change (by ``operator``, default the owner) and no member changes, as
+        DingTalk reports a disbanded group."""
+        with self.lock:
+            chat = self.chat(chatid)
+            operator = chat.owner if operator is None else operator
             was_active = chat.status != 2
             chat.status = 2
             if not keep_members:
                 chat.useridlist = []
             if was_active:
-                self._notify("dismissed", chatid)
+                self._notify("dismissed", chatid, operator)
 
-    def set_attr(self, chatid: str, **changes: Any) -> None:
+    def set_attr(self, chatid: str, *, operator: str | None = None, **changes: Any) -> None:
+        """Set attributes; each that differs is one change by ``operator`` (default: the owner
+        before this call, so an owner change is made by the previous owner)."""
         with self.lock:
             chat = self.chat(chatid)
+            operator = chat.owner if operator is None else operator
             for key in changes:
                 if key not in CHAT_FIELDS or key == "chatid":
                     raise AttributeError(f"SimChat has no settable attribute {key!r}")
@@ -263,7 +294,9 @@ class World:
                 old = getattr(chat, key)
                 setattr(chat, key, value)
                 if old != value:
-                    self._notify("attribute_changed", chatid, field=key, old=old, new=value)
+                    self._notify(
+                        "attribute_changed", chatid, operator, field=key, old=old, new=value
+                    )
 
     def membership(self) -> dict[str, frozenset[str]]:
         """Snapshot of every chat's members, dismissed and unreadable chats included."""
