@@ -19,10 +19,11 @@ Foreign exceptions become ours here (``raise ... from``), without the ticket or 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import socket
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 from urllib.parse import quote_plus, urlsplit
 
 import requests
@@ -37,6 +38,11 @@ OPEN_CONNECTION_PATH: Final = "/v1.0/gateway/connections/open"
 # Every event type, as the official SDKs subscribe: the listener picks the group events.
 SUBSCRIPTIONS: Final = ({"type": "EVENT", "topic": "*"},)
 _MAX_FRAME_BYTES = 4 * 1024 * 1024
+# websockets 17.1 wants connect() as a context manager unless told the connection is held
+# directly, as this one is (it lives across calls); earlier releases know no such option.
+_CONNECT_OPTIONS: dict[str, Any] = (
+    {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
+)
 
 
 class GatewayRefused(ConfigError):
@@ -153,6 +159,7 @@ class StreamSocket:
                 close_timeout=2,
                 max_size=_MAX_FRAME_BYTES,
                 user_agent_header=f"dingtalk-etl/{__version__}",
+                **_CONNECT_OPTIONS,
             )
         except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
             raise StreamUnavailable(f"stream: cannot connect: {_describe(exc)}") from exc

@@ -159,7 +159,7 @@ def simulator(world: World) -> Iterator[Simulator]:
 
 @pytest.fixture(autouse=True)
 def _quiet_logs() -> Iterator[None]:
-    configure_logging("WARNING", "json")
+    configure_logging(os.environ.get("DINGTALK_ETL_TEST_LOG", "WARNING"), "json")
     yield
     forget_secrets()
 

@@ -172,6 +172,7 @@ class World:
         self.tokens = TokenService(self.lock)
         self.limiter = RateLimiter(self.lock)
         self._listeners: list[WorldListener] = []
+        self._last_change_at = 0.0
         # Users that mutate() may add to chats; None means "everyone already in some chat".
         self._user_pool: list[str] | None = None
 
@@ -200,7 +201,11 @@ class World:
 
     def _notify(self, kind: ChangeKind, chatid: str, operator: str, **details: Any) -> None:
         if self._listeners:
-            change = WorldChange(kind, chatid, time.time(), operator=operator, **details)
+            # A millisecond apart at least: DingTalk's event times are milliseconds, and two
+            # changes with one time could not be told apart in order.
+            at = max(time.time(), self._last_change_at + 0.001)
+            self._last_change_at = at
+            change = WorldChange(kind, chatid, at, operator=operator, **details)
             for listener in list(self._listeners):
                 listener(change)
 

@@ -1,0 +1,412 @@
+"""`listen` over the simulator's Stream gateway, on every database: events stored then ACKed,
+reconciled once, nothing lost and nothing twice, whatever the gateway does."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.engine import URL
+
+from etl.config import Config, parse_config
+from etl.db import create_db_engine
+from etl.listener import run_listen
+from etl.schema import chat_events, chat_members, discovered_chats, pushed_events, sync_runs
+from etl.simulator import Simulator, StreamGateway, World
+from etl.sync import reconcile, run_sync
+from tests.conftest import APP_KEY, APP_SECRET, sample_world
+
+CHATS = ["chat-a", "chat-b", "chat-c"]
+# Short enough for tests, long enough that a burst of events on a chat shares one reconcile.
+RECONCILE_DELAY = 0.3
+
+
+def until(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """Poll ``predicate`` until it returns something true; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def table(url: URL, name: Any, *order: Any) -> list[dict[str, Any]]:
+    engine = create_db_engine(url)
+    try:
+        with engine.connect() as conn:
+            query = select(name).order_by(*order) if order else select(name)
+            return [dict(row) for row in conn.execute(query).mappings()]
+    finally:
+        engine.dispose()
+
+
+def replay(url: URL) -> dict[str, set[str]]:
+    """Membership of every chat by the log: the latest member row by (occurred_at, id)."""
+    latest: dict[tuple[str, str], str] = {}
+    for row in table(url, chat_events, chat_events.c.occurred_at, chat_events.c.id):
+        if row["event_type"] in ("member_joined", "member_left"):
+            latest[(row["chatid"], row["userid"])] = row["event_type"]
+    members: dict[str, set[str]] = {}
+    for (chatid, userid), kind in latest.items():
+        if kind == "member_joined":
+            members.setdefault(chatid, set()).add(userid)
+    return members
+
+
+def current_members(url: URL) -> dict[str, set[str]]:
+    members: dict[str, set[str]] = {}
+    for row in table(url, chat_members):
+        if row["left_at"] is None:
+            members.setdefault(row["chatid"], set()).add(row["userid"])
+    return members
+
+
+def world_members(world: World, chatids: list[str]) -> dict[str, set[str]]:
+    return {c: set(m) for c, m in world.membership().items() if c in chatids and m}
+
+
+class Setup:
+    """A world served over HTTP and Stream mode, a migrated database, a configuration."""
+
+    def __init__(self, world: World, sim: Simulator, gateway: StreamGateway, url: URL) -> None:
+        self.world, self.sim, self.gateway, self.url = world, sim, gateway, url
+        self.tmp: Path | None = None
+
+    def config(self, tmp_path: Path, **events: Any) -> Config:
+        raw: dict[str, Any] = {
+            "dingtalk": {
+                "base_url": self.sim.base_url,
+                "app_key": APP_KEY,
+                "app_secret": APP_SECRET,
+                "timeout_seconds": 5,
+                "max_requests_per_second": 1000,
+                "max_attempts": 3,
+            },
+            "database": {"url": self.url.render_as_string(hide_password=False)},
+            "sync": {"chatids": CHATS, "concurrency": 2},
+            "events": {
+                "gateway_url": self.gateway.gateway_url,
+                "reconcile_delay_seconds": RECONCILE_DELAY,
+                "silence_timeout_seconds": 2,
+                **events,
+            },
+            "logging": {"level": "WARNING", "format": "json"},
+        }
+        return parse_config(raw, tmp_path / "config.toml", environ={})
+
+
+@pytest.fixture
+def setup(db_url: URL) -> Iterator[Setup]:
+    world = sample_world()
+    with (
+        Simulator(world) as sim,
+        StreamGateway(world, ping_interval=0.5, redeliver_after=0.5) as gateway,
+    ):
+        yield Setup(world, sim, gateway, db_url)
+
+
+class Running:
+    """``run_listen`` in a thread, as `dingtalk-etl listen` runs it."""
+
+    def __init__(self, config: Config) -> None:
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.reconciles: list[list[str]] = []
+        self._thread = threading.Thread(target=self._run, args=(config,), daemon=True)
+        self._thread.start()
+
+    def _run(self, config: Config) -> None:
+        def reconcile_chats(chatids: Any) -> None:
+            self.reconciles.append(list(chatids))
+            reconcile(config, chatids, stop=self.stop)
+
+        try:
+            run_listen(config, self.stop, reconcile_chats)
+        except BaseException as exc:  # handed to the test
+            self.error = exc
+
+    def finish(self) -> BaseException | None:
+        self.stop.set()
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "listener did not stop"
+        return self.error
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+@pytest.fixture
+def listen(setup: Setup, tmp_path: Path) -> Iterator[Callable[..., Running]]:
+    started: list[Running] = []
+
+    def start(**events: Any) -> Running:
+        config = setup.config(tmp_path, **events)
+        running = Running(config)
+        started.append(running)
+        until(lambda: setup.gateway.connected or running.error, "the listener to connect")
+        if running.error is not None:
+            raise running.error
+        return running
+
+    yield start
+    for running in started:
+        running.finish()
+
+
+def first_sync(setup: Setup, tmp_path: Path) -> None:
+    result = run_sync(setup.config(tmp_path))
+    assert result.status == "succeeded", result.summary()
+
+
+def event_rows(url: URL, **match: Any) -> list[dict[str, Any]]:
+    rows = table(url, chat_events, chat_events.c.id)
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+
+def settled(setup: Setup) -> None:
+    """Wait until every event is reconciled and the log, the tables and the world agree."""
+    expected = world_members(setup.world, CHATS)
+
+    def agreed() -> bool:
+        waiting = [
+            r
+            for r in table(setup.url, pushed_events)
+            if r["outcome"] in ("recorded", "already_recorded", "discovered")
+            and r["reconciled_at"] is None
+        ]
+        unacked = [d for d in setup.gateway.deliveries() if not d.delivered and not d.lost]
+        return (
+            not unacked
+            and not waiting
+            and replay(setup.url) == current_members(setup.url) == expected
+        )
+
+    until(agreed, "the log, the tables and the world to agree")
+
+
+def test_event_is_recorded_with_time_and_actor_then_acked(
+    setup: Setup, listen: Callable[..., Running], tmp_path: Path
+) -> None:
+    first_sync(setup, tmp_path)
+    listen()
+
+    setup.world.remove_members("chat-a", ["u2"], operator="u1")
+
+    [row] = until(lambda: event_rows(setup.url, source="event"), "the event's row")
+    [pushed] = table(setup.url, pushed_events)
+    delivery = setup.gateway.delivery(pushed["event_id"])
+    assert (row["event_type"], row["userid"], row["operator_userid"]) == ("member_left", "u2", "u1")
+    assert row["run_id"] is None
+    assert row["is_baseline"] is False
+    assert row["event_id"] == pushed["event_id"]
+    assert pushed["outcome"] == "recorded"
+    assert abs(row["occurred_at"].timestamp() * 1000 - delivery.data["timeStamp"]) < 1
+    until(lambda: setup.gateway.delivery(pushed["event_id"]).delivered, "the ACK")
+    assert setup.gateway.delivery(pushed["event_id"]).ack_code == 200
+
+
+def test_reconcile_confirms_the_event_and_writes_the_change_once(
+    setup: Setup, listen: Callable[..., Running], tmp_path: Path
+) -> None:
+    first_sync(setup, tmp_path)
+    running = listen()
+    calls_before = setup.world.stats.requests_by_chat["chat-a"]
+
+    # A burst on one chat: three events, one reconcile.
+    setup.world.remove_members("chat-a", ["u2"], operator="u1")
+    setup.world.add_members("chat-a", ["u9"], operator="u1")
+    setup.world.set_attr("chat-a", name="Alpha 2", operator="u3")
+
+    settled(setup)
+    runs = until(
+        lambda: [
+            r for r in table(setup.url, sync_runs) if r["trigger"] == "event" and r["finished_at"]
+        ],
+        "the reconcile run to finish",
+    )
+    assert len(runs) == 1
+    assert runs[0]["status"] == "succeeded"
+    assert running.reconciles == [["chat-a"]]
+    assert setup.world.stats.requests_by_chat["chat-a"] - calls_before == 1
+    # Each change once, as the event recorded it: the reconcile added no row.
+    later = [r for r in event_rows(setup.url) if r["run_id"] == runs[0]["id"]]
+    assert later == []
+    left = next(
+        r for r in table(setup.url, chat_members) if (r["chatid"], r["userid"]) == ("chat-a", "u2")
+    )
+    [u2_event] = event_rows(setup.url, chatid="chat-a", userid="u2", event_type="member_left")
+    assert left["left_at"] == u2_event["occurred_at"]
+    [rename] = event_rows(setup.url, field="name")
+    assert (rename["old_value"], rename["new_value"], rename["operator_userid"]) == (
+        "Alpha",
+        "Alpha 2",
+        "u3",
+    )
+
+
+def test_missed_event_becomes_a_poll_row(
+    setup: Setup, listen: Callable[..., Running], tmp_path: Path
+) -> None:
+    first_sync(setup, tmp_path)
+    listen()
+    setup.gateway.inject("lose")
+
+    setup.world.add_members("chat-b", ["u7"], operator="u2")  # never delivered
+    setup.world.add_members("chat-b", ["u8"], operator="u2")
+
+    settled(setup)
+    [u7] = event_rows(setup.url, chatid="chat-b", userid="u7")
+    [u8] = event_rows(setup.url, chatid="chat-b", userid="u8")
+    assert (u7["source"], u7["run_id"] is not None) == ("poll", True)
+    assert u8["source"] == "event"
+
+
+@pytest.mark.parametrize("fault", ["duplicate", "reorder", "delay:0.4"], ids=str)
+def test_delivery_faults_write_each_change_once(
+    setup: Setup, listen: Callable[..., Running], tmp_path: Path, fault: str
+) -> None:
+    first_sync(setup, tmp_path)
+    listen()
+    setup.gateway.inject(fault)
+
+    setup.world.add_members("chat-c", ["u10"], operator="u5")
+    setup.world.remove_members("chat-c", ["u10"], operator="u5")
+
+    settled(setup)
+    rows = event_rows(setup.url, userid="u10")
+    assert sorted((r["event_type"], r["source"]) for r in rows) == [
+        ("member_joined", "event"),
+        ("member_left", "event"),
+    ]
+    assert len(table(setup.url, pushed_events)) == 2
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["drop", "silence:3", "disconnect", "malformed"],
+    ids=["drop", "silence", "disconnect", "malformed"],
+)
+def test_connection_faults_lose_nothing(
+    setup: Setup, listen: Callable[..., Running], tmp_path: Path, fault: str
+) -> None:
+    first_sync(setup, tmp_path)
+    running = listen()
+    opened = setup.gateway.connections_opened
+    setup.gateway.inject(fault)
+    if fault != "malformed":
+        until(lambda: setup.gateway.connections_opened > opened, "a new connection")
+
+    setup.world.remove_members("chat-c", ["u6"], operator="u5")
+
+    settled(setup)
+    [row] = event_rows(setup.url, userid="u6", is_baseline=False)
+    assert row["source"] == "event"
+    assert running.alive
+
+
+def test_redelivered_event_writes_nothing(
+    setup: Setup, listen: Callable[..., Running], tmp_path: Path
+) -> None:
+    first_sync(setup, tmp_path)
+    listen()
+    # The same event id twice, as DingTalk pushes it when an ACK was lost.
+    setup.gateway.inject("duplicate")
+
+    event_id = setup.gateway.push_event("chat_quit", "chat-a", operator="u3")
+
+    until(lambda: len(setup.gateway.delivery(event_id).acks) >= 2, "both ACKs")
+    assert all(ack.success for ack in setup.gateway.delivery(event_id).acks)
+    assert len(event_rows(setup.url, userid="u3", event_type="member_left")) == 1
+    assert len(table(setup.url, pushed_events)) == 1
+
+
+def test_unknown_chat_is_kept_and_counted(
+    setup: Setup, listen: Callable[..., Running], tmp_path: Path
+) -> None:
+    first_sync(setup, tmp_path)
+    listen()
+
+    event_id = setup.gateway.push_event("chat_add_member", "chat-zz", userId=["u1"])
+
+    until(lambda: setup.gateway.delivery(event_id).delivered, "the ACK")
+    [pushed] = table(setup.url, pushed_events)
+    assert (pushed["outcome"], pushed["chatid"]) == ("unknown_chat", "chat-zz")
+    assert event_rows(setup.url, chatid="chat-zz") == []
+
+
+def test_discovered_chat_is_synced_from_its_first_reconcile(
+    setup: Setup, listen: Callable[..., Running], tmp_path: Path
+) -> None:
+    from etl.simulator import SimChat
+
+    first_sync(setup, tmp_path)
+    setup.world.add_chat(SimChat("chat-new", "New", "u1", ["u1", "u2"]))
+    listen(discover_chats=True)
+
+    setup.world.add_members("chat-new", ["u3"], operator="u1")
+
+    until(lambda: event_rows(setup.url, chatid="chat-new"), "the discovery")
+    [found] = table(setup.url, discovered_chats)
+    assert found["chatid"] == "chat-new"
+    [pushed] = table(setup.url, pushed_events)
+    assert pushed["outcome"] == "discovered"
+    rows = until(
+        lambda: event_rows(setup.url, chatid="chat-new", event_type="member_joined"),
+        "the baseline",
+    )
+    assert {r["userid"] for r in rows} == {"u1", "u2", "u3"}
+    assert all(r["is_baseline"] for r in rows)
+    assert event_rows(setup.url, chatid="chat-new")[0]["event_type"] == "chat_discovered"
+
+
+def test_database_outage_acks_nothing_it_did_not_store(
+    setup: Setup, listen: Callable[..., Running], tmp_path: Path
+) -> None:
+    first_sync(setup, tmp_path)
+    listen()
+    engine = create_db_engine(setup.url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE pushed_events RENAME TO pushed_events_away"))
+        event_id = setup.gateway.push_event("chat_quit", "chat-b", operator="u4")
+        until(lambda: setup.gateway.delivery(event_id).times_pushed >= 2, "a redelivery")
+        assert not setup.gateway.delivery(event_id).delivered
+        assert all(a.code != 200 for a in setup.gateway.delivery(event_id).acks)
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE pushed_events_away RENAME TO pushed_events"))
+    finally:
+        engine.dispose()
+
+    until(lambda: setup.gateway.delivery(event_id).delivered, "the ACK after the outage")
+    assert len(event_rows(setup.url, userid="u4", source="event")) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "message"),
+    [
+        (401, 78, "the Stream gateway refused the app's credentials (HTTP 401"),
+        (403, 3, "the Stream gateway refused a connection for this app (HTTP 403"),
+    ],
+    ids=["bad-credentials", "no-subscription"],
+)
+def test_gateway_refusal_stops_the_listener(
+    setup: Setup, tmp_path: Path, status: int, code: int, message: str
+) -> None:
+    setup.gateway.inject(f"refuse:{status}")
+    running = Running(setup.config(tmp_path))
+
+    error = until(lambda: running.error, "the listener to stop")
+
+    running.finish()
+    assert error.exit_code == code  # type: ignore[attr-defined]
+    assert error.message.startswith(message)  # type: ignore[attr-defined]
+    assert APP_SECRET not in error.message  # type: ignore[attr-defined]
