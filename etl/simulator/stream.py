@@ -348,6 +348,7 @@ class StreamGateway:
         self._wake_r, self._wake_w = socket.socketpair()
         self._ws_server: Server | None = None
         self._threads: list[threading.Thread] = []
+        self._ws_thread: threading.Thread | None = None
         self._closers: list[threading.Thread] = []
         self._unsubscribe: Callable[[], None] | None = None
         # Reentrant because stop() may run from a signal handler that interrupted start().
@@ -397,17 +398,19 @@ class StreamGateway:
             )
             self._started = True
             self._unsubscribe = self.world.subscribe(self._on_change)
-            for target, name in (
-                (self._ws_server.serve_forever, "websocket"),
-                (self._accept_loop, "http"),
-                (self._dispatch_loop, "dispatcher"),
-            ):
-                thread = threading.Thread(
-                    target=target, name=f"stream-gateway-{name}:{self.port}", daemon=True
-                )
-                self._threads.append(thread)
-                thread.start()
+            self._ws_thread = self._thread(self._ws_server.serve_forever, "websocket")
+            self._threads = [
+                self._thread(self._accept_loop, "http"),
+                self._thread(self._dispatch_loop, "dispatcher"),
+            ]
         return self
+
+    def _thread(self, target: Callable[[], None], name: str) -> threading.Thread:
+        thread = threading.Thread(
+            target=target, name=f"stream-gateway-{name}:{self.port}", daemon=True
+        )
+        thread.start()
+        return thread
 
     def stop(self) -> None:
         """Stop serving: close every connection and socket, join every thread."""
@@ -415,7 +418,6 @@ class StreamGateway:
             if self._closed:
                 return
             self._closed = True
-            started = self._started
         if self._unsubscribe is not None:
             self._unsubscribe()
         with self._lock:
@@ -423,17 +425,17 @@ class StreamGateway:
             self._wake.notify_all()
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
-        if started:
-            for thread in self._threads:
-                if thread.name.startswith("stream-gateway-websocket"):
-                    continue
-                thread.join()
+        # The dispatcher first, so nothing is sent while the connections close.
+        for thread in self._threads:
+            thread.join()
         self._http.close_connections()
         self._http.server_close()
         if self._ws_server is not None:
             # Closes open connections (1001 going away) and joins their handler threads.
             self._ws_server.shutdown()
-        for thread in self._threads + self._closers:
+        if self._ws_thread is not None:
+            self._ws_thread.join()
+        for thread in self._closers:
             thread.join()
         self._wake_r.close()
         self._wake_w.close()
