@@ -6,8 +6,11 @@ Sits on top like the CLI (it drives the simulator, the sync and reads the tables
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +18,12 @@ from sqlalchemy import select
 
 from etl.config import Config, parse_config
 from etl.db import open_database
+from etl.listener import run_listen
 from etl.logs import configure_logging
 from etl.output import to_table
 from etl.schema import chat_events, chat_members, chats, sync_run_items, sync_runs
-from etl.simulator import SimChat, Simulator, World
-from etl.sync import RunResult, run_sync
+from etl.simulator import SimChat, Simulator, StreamGateway, World
+from etl.sync import RunResult, reconcile, run_sync
 
 DEMO_APP_KEY = "demo-key"
 DEMO_APP_SECRET = "demo-secret"  # noqa: S105 - the simulator's fake app
@@ -122,10 +126,95 @@ def run_demo(database: Path, *, echo: Callable[[str], Any]) -> None:
         second = run_sync(config)
         _report_run(second, echo)
         _show_events(config, second, echo)
+        echo("")
+        _demo_events(world, config, echo)
     echo("")
     echo(f"Explore it: sqlite3 {database} 'SELECT * FROM chat_events ORDER BY id DESC LIMIT 20'")
     echo("Next: cp config.example.toml config.toml, set your app and chatids, then")
     echo("      dingtalk-etl db upgrade && dingtalk-etl sync")
+
+
+def _demo_events(world: World, config: Config, echo: Callable[[str], Any]) -> None:
+    """`listen` against the simulator's Stream gateway: one event, then its reconcile."""
+    echo("== Group events (Stream mode) ==")
+    with StreamGateway(world) as gateway:
+        settings = config.events.model_copy(
+            update={"gateway_url": gateway.gateway_url, "reconcile_delay_seconds": 1.0}
+        )
+        config = dataclasses.replace(config, events=settings)
+        stop = threading.Event()
+        reconciled: list[RunResult] = []
+
+        def confirm(chatids: Sequence[str]) -> None:
+            reconciled.append(reconcile(config, chatids, stop=stop))
+
+        listener = threading.Thread(target=run_listen, args=(config, stop, confirm), daemon=True)
+        listener.start()
+        try:
+            _wait_for(lambda: gateway.connected, "the listener to connect")
+            echo(f"  listening on {gateway.gateway_url} (no API call spent while events arrive)")
+            calls = world.stats.total_requests
+            finance = world.chat("chat-finance")
+            removed, operator = finance.useridlist[-1], finance.owner
+            world.remove_members("chat-finance", [removed], operator=operator)
+            row = _wait_for(lambda: _event_row(config, removed), "the event's row")
+            echo(
+                f"  event: {operator} removed {removed} from chat-finance at "
+                f"{row['occurred_at'].isoformat(timespec='milliseconds')} "
+                f"({world.stats.total_requests - calls} API calls)"
+            )
+            result = _wait_for(lambda: reconciled[0] if reconciled else None, "the reconcile")
+            delay = settings.reconcile_delay_seconds
+            echo(f"  reconcile {delay:g} s after the event: {result.summary()}")
+            rows, left_at = _change_rows(config, "chat-finance", removed)
+            echo(
+                f"  chat_events holds {rows} row for the change (the event's, source 'event'); "
+                f"chat_members.left_at = {left_at.isoformat(timespec='milliseconds')}"
+            )
+        finally:
+            stop.set()
+            listener.join(timeout=10)
+
+
+def _change_rows(config: Config, chatid: str, userid: str) -> tuple[int, Any]:
+    """How many member_left rows the log has for ``userid``, and its member row's left_at."""
+    with open_database(config) as engine, engine.connect() as conn:
+        rows = conn.execute(
+            select(chat_events.c.id).where(
+                chat_events.c.chatid == chatid,
+                chat_events.c.userid == userid,
+                chat_events.c.event_type == "member_left",
+            )
+        ).all()
+        left_at = conn.execute(
+            select(chat_members.c.left_at).where(
+                chat_members.c.chatid == chatid, chat_members.c.userid == userid
+            )
+        ).scalar_one()
+        return len(rows), left_at
+
+
+def _event_row(config: Config, userid: str) -> dict[str, Any] | None:
+    with open_database(config) as engine, engine.connect() as conn:
+        row = (
+            conn.execute(
+                select(chat_events)
+                .where(chat_events.c.userid == userid, chat_events.c.source == "event")
+                .limit(1)
+            )
+            .mappings()
+            .first()
+        )
+        return dict(row) if row is not None else None
+
+
+def _wait_for(probe: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while (value := probe()) is None or value is False:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the demo timed out waiting for {what}")
+        time.sleep(0.05)
+    return value
 
 
 def _report_run(result: RunResult, echo: Callable[[str], Any]) -> None:
