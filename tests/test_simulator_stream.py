@@ -789,6 +789,22 @@ def test_lose_never_delivers_the_next_event(
         assert gateway.stats.events_lost == 1
 
 
+def test_lose_ack_pushes_the_event_again_though_it_was_acked(
+    world: World, clients: Callable[..., StreamClient]
+) -> None:
+    with StreamGateway(world, ping_interval=0, redeliver_after=0.3) as gateway:
+        client = clients(gateway)
+        wait_until(lambda: gateway.connected, what="the connection")
+        gateway.inject("lose_ack")
+        rename(world, 1)
+        frames = client.wait_events(2)
+        [delivery] = gateway.deliveries()
+        assert [f["headers"]["eventId"] for f in frames] == [delivery.event_id] * 2
+        wait_until(lambda: gateway.delivery(delivery.event_id).delivered, what="the ACK")
+        assert gateway.delivery(delivery.event_id).times_pushed == 2
+        assert gateway.stats.acks_unmatched == 1
+
+
 def test_malformed_frame_comes_before_the_next_event(
     world: World, gateway: StreamGateway, clients: Callable[..., StreamClient]
 ) -> None:

@@ -108,6 +108,7 @@ StreamFaultKind = Literal[
     "reorder",
     "delay",
     "lose",
+    "lose_ack",
     "malformed",
     "refuse",
 ]
@@ -146,6 +147,7 @@ _FAULT_KINDS: Final[dict[str, tuple[Callable[[str, str], float] | None, FaultTar
     "reorder": (None, "event"),
     "delay": (_seconds, "event"),
     "lose": (None, "event"),
+    "lose_ack": (None, "event"),
     "malformed": (None, "event"),
 }
 
@@ -165,7 +167,7 @@ class StreamFault:
     @classmethod
     def parse(cls, spec: str) -> StreamFault:
         """Parse ``"drop"``, ``"silence:S"``, ``"disconnect"``, ``"duplicate"``, ``"reorder"``,
-        ``"delay:S"``, ``"lose"``, ``"malformed"`` or ``"refuse:STATUS"``."""
+        ``"delay:S"``, ``"lose"``, ``"lose_ack"``, ``"malformed"`` or ``"refuse:STATUS"``."""
         if not isinstance(spec, str):
             raise ValueError(f"fault spec must be a string, got {spec!r}")
         name, sep, arg = spec.strip().partition(":")

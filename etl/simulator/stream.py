@@ -478,8 +478,8 @@ class StreamGateway:
 
         ``refuse:STATUS`` answers the next connections/open with that status; ``drop``,
         ``silence:S`` and ``disconnect`` hit the current connection as soon as there is one;
-        ``duplicate``, ``reorder``, ``delay:S``, ``lose`` and ``malformed`` apply to the next
-        event push (a redelivery included). Each target consumes its faults in order.
+        ``duplicate``, ``reorder``, ``delay:S``, ``lose``, ``lose_ack`` (its ACK never
+        arrives) and ``malformed`` apply to the next event push (a redelivery included). Each target consumes its faults in order.
         """
         parsed = [s if isinstance(s, StreamFault) else StreamFault.parse(s) for s in specs]
         with self._lock:
@@ -794,6 +794,9 @@ class StreamGateway:
             if kind == "malformed":
                 actions.append(_Send(conn, _MALFORMED_FRAME))
             self._push(event, conn, now, actions)
+            if kind == "lose_ack":
+                # The client's answer to this push is lost on the way: it is pushed again.
+                self._messages.pop(event.message_ids[-1], None)
             if kind == "duplicate":
                 self._push(event, conn, now, actions)
             # A held event goes right after the one that followed it.

@@ -1,0 +1,218 @@
+"""`dingtalk-etl listen` and `schedule` with events, as processes: exit codes, SIGTERM, a kill -9
+between storing an event and its ACK reaching DingTalk."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.engine import URL
+
+from etl.db import create_db_engine
+from etl.schema import chat_events, event_listeners, pushed_events
+from etl.simulator import Simulator, StreamGateway, World
+from tests.conftest import APP_KEY, APP_SECRET, sample_world
+from tests.test_listen import until
+
+BIN = Path(sys.executable).parent
+
+
+def rows(url: URL, table: Any) -> list[dict[str, Any]]:
+    engine = create_db_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(table)).mappings()]
+    finally:
+        engine.dispose()
+
+
+def config_file(
+    folder: Path, url: URL, sim: Simulator, gateway: StreamGateway, *, extra: str = ""
+) -> Path:
+    path = folder / "config.toml"
+    path.write_text(
+        f"""
+[dingtalk]
+base_url = "{sim.base_url}"
+app_key = "{APP_KEY}"
+app_secret = "{APP_SECRET}"
+max_attempts = 2
+
+[database]
+url = "{url.render_as_string(hide_password=False)}"
+
+[sync]
+chatids = ["chat-a", "chat-b", "chat-c"]
+
+[events]
+gateway_url = "{gateway.gateway_url}"
+reconcile_delay_seconds = 0.3
+{extra}
+[logging]
+level = "INFO"
+""",
+        encoding="utf-8",
+    )
+    path.chmod(0o600)
+    return path
+
+
+class Served:
+    def __init__(self, world: World, sim: Simulator, gateway: StreamGateway) -> None:
+        self.world, self.sim, self.gateway = world, sim, gateway
+
+
+@pytest.fixture
+def redeliver_after() -> float:
+    return 0.5
+
+
+@pytest.fixture
+def served(redeliver_after: float) -> Iterator[Served]:
+    world = sample_world()
+    with (
+        Simulator(world) as sim,
+        StreamGateway(world, ping_interval=0.5, redeliver_after=redeliver_after) as gateway,
+    ):
+        yield Served(world, sim, gateway)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)
+
+
+def start(
+    processes: list[subprocess.Popen[str]], config: Path, command: str
+) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [str(BIN / "dingtalk-etl"), "--config", str(config), command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    processes.append(process)
+    return process
+
+
+# Long enough that the listener is killed before the event is pushed again.
+@pytest.mark.parametrize("redeliver_after", [3.0], ids=["redeliver-3s"])
+def test_kill_between_storing_and_the_ack_writes_nothing_twice(
+    served: Served,
+    db_url: URL,
+    tmp_path: Path,
+    processes: list[subprocess.Popen[str]],
+) -> None:
+    config = config_file(tmp_path, db_url, served.sim, served.gateway)
+    first = start(processes, config, "listen")
+    until(lambda: served.gateway.connected, "the listener to connect")
+    # Stored and ACKed, but the ACK never reaches the gateway: as if the process died in
+    # between, DingTalk pushes the event again.
+    served.gateway.inject("lose_ack")
+
+    served.world.remove_members("chat-a", ["u3"], operator="u1")
+    [stored] = until(lambda: rows(db_url, pushed_events), "the event to be stored")
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=30)
+    assert not served.gateway.delivery(stored["event_id"]).delivered
+
+    start(processes, config, "listen")
+
+    until(lambda: served.gateway.delivery(stored["event_id"]).delivered, "the redelivery's ACK")
+    assert served.gateway.delivery(stored["event_id"]).times_pushed >= 2
+    assert len(rows(db_url, pushed_events)) == 1
+    left = [r for r in rows(db_url, chat_events) if r["userid"] == "u3" and not r["is_baseline"]]
+    assert [(r["event_type"], r["source"]) for r in left] == [("member_left", "event")]
+    # The restarted listener found the event still waiting, and reconciled its chat.
+    until(lambda: rows(db_url, pushed_events)[0]["reconciled_at"], "the reconcile")
+
+
+def test_sigterm_stops_listen_with_exit_0(
+    served: Served, db_url: URL, tmp_path: Path, processes: list[subprocess.Popen[str]]
+) -> None:
+    config = config_file(tmp_path, db_url, served.sim, served.gateway)
+    process = start(processes, config, "listen")
+    until(lambda: served.gateway.connected, "the listener to connect")
+
+    process.send_signal(signal.SIGTERM)
+    _out, err = process.communicate(timeout=30)
+
+    assert process.returncode == 0, err
+    [listener] = rows(db_url, event_listeners)
+    assert listener["stopped_at"] is not None
+    assert listener["connected"] is False
+    assert APP_SECRET not in err
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "message"),
+    [
+        (
+            401,
+            78,
+            "dingtalk-etl: error: the Stream gateway refused the app's credentials (HTTP 401, "
+            "InvalidAuthentication: simulated refusal (refuse:401)): check [dingtalk] app_key and "
+            "app_secret\n",
+        ),
+        (
+            403,
+            3,
+            "dingtalk-etl: error: the Stream gateway refused a connection for this app (HTTP "
+            "403, Forbidden.AccessDenied: simulated refusal (refuse:403)): enable Stream mode and "
+            "subscribe to the group events in DingTalk's developer console\n",
+        ),
+    ],
+    ids=["bad-credentials", "no-subscription"],
+)
+def test_gateway_refusal_exit_code_and_message(
+    served: Served,
+    db_url: URL,
+    tmp_path: Path,
+    processes: list[subprocess.Popen[str]],
+    status: int,
+    code: int,
+    message: str,
+) -> None:
+    config = config_file(tmp_path, db_url, served.sim, served.gateway)
+    served.gateway.inject(f"refuse:{status}")
+
+    process = start(processes, config, "listen")
+    _out, err = process.communicate(timeout=60)
+
+    assert process.returncode == code
+    assert err.splitlines(keepends=True)[-1] == message
+
+
+def test_schedule_runs_the_listener_beside_its_syncs(
+    served: Served, db_url: URL, tmp_path: Path, processes: list[subprocess.Popen[str]]
+) -> None:
+    extra = "enabled = true\n[schedule]\ninterval_minutes = 60\nrun_on_start = true\n"
+    config = config_file(tmp_path, db_url, served.sim, served.gateway, extra=extra)
+    process = start(processes, config, "schedule")
+    until(lambda: served.gateway.connected, "the scheduler's listener to connect")
+
+    served.world.add_members("chat-b", ["u9"], operator="u2")
+
+    until(
+        lambda: [r for r in rows(db_url, chat_events) if r["source"] == "event"],
+        "the event's row",
+    )
+    process.send_signal(signal.SIGTERM)
+    _out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    until(lambda: not served.gateway.connected, "the listener to leave")
+    [listener] = rows(db_url, event_listeners)
+    assert listener["stopped_at"] is not None
