@@ -643,8 +643,10 @@ def report() -> None:
 
     Every report takes --format table|csv|json|html and --output FILE. Times are shown in
     [report] timezone (default UTC); --as-of/--since/--until without an offset are read in it.
-    Times are when a sync observed a state: a change happened after the sync before. Needs
-    only the [database] setting and a migrated schema.
+    The time of a change (occurred_at) is DingTalk's for a group event received over Stream
+    mode (source event, with the operator who made it), else when a sync saw it (source
+    poll: it happened after the sync before). Needs only the [database] setting and a
+    migrated schema.
 
     \b
     Exit codes:
@@ -672,10 +674,10 @@ def report_members(
 ) -> None:
     """Who was in a chat at a point in time, with joined and left times.
 
-    Reconstructed from chat_events: a member is a user whose latest member event at or
-    before --as-of is a join. Members present at the chat's first sync are a baseline
-    (they may have joined earlier). --as-of before the first sync is an error (exit 1),
-    not an empty list.
+    Reconstructed from chat_events: a member is a user whose latest member event, by the
+    time it occurred, at or before --as-of is a join. Members present at the chat's first
+    sync are a baseline (they may have joined earlier). --as-of before the first sync is an
+    error (exit 1), not an empty list.
 
     \b
     Examples:
@@ -709,6 +711,11 @@ def report_members(
 @click.option(
     "--user", "userid", metavar="ID", help="Only this user's joins, leaves and owner changes."
 )
+@click.option(
+    "--operator",
+    metavar="ID",
+    help="Only the changes this user made (known for changes received as group events).",
+)
 @_report_options
 @click.pass_obj
 def report_changes(
@@ -717,20 +724,25 @@ def report_changes(
     until: reports.Timestamp | None,
     chats: tuple[str, ...],
     userid: str | None,
+    operator: str | None,
     fmt: str,
     output: Path | None,
 ) -> None:
     """Joins, leaves and attribute changes (dismissals, owner, name, settings) in a window.
 
-    Baseline members at a chat's first sync are not joins. With --format html: the audit
-    file (summary of the chats, member count by sync per chat, the changes), one
-    self-contained page that works offline.
+    One row per change, in the order the changes occurred, with occurred_at (when it
+    happened), observed_at (when it was recorded), source (event: pushed by DingTalk, with
+    operator_userid, who made it; poll: seen by a sync) and run_id (the sync that saw it).
+    --since/--until select by occurred_at. Baseline members at a chat's first sync are not
+    joins. With --format html: the audit file (summary of the chats, member count by sync
+    and event per chat, the changes), one self-contained page that works offline.
 
     \b
     Examples:
       dingtalk-etl report changes --since 2026-06 --until 2026-06
       dingtalk-etl report changes --since 2026-06-01 --chat chat-finance --format json
       dingtalk-etl report changes --user user0042
+      dingtalk-etl report changes --operator user0007 --since 2026-06
       dingtalk-etl report changes --since 2026-06 --format html --output audit-june.html
     """
 
@@ -741,11 +753,23 @@ def report_changes(
             raise click.UsageError("--since is after --until")
         if fmt == "html":
             audit = reports.audit(
-                engine, since=start, until=end, chats_filter=chats, userid=userid, tz=tz
+                engine,
+                since=start,
+                until=end,
+                chats_filter=chats,
+                userid=userid,
+                operator=operator,
+                tz=tz,
             )
             return render_audit(_with_chart_hint(audit))
         result = reports.changes(
-            engine, since=start, until=end, chats_filter=chats, userid=userid, tz=tz
+            engine,
+            since=start,
+            until=end,
+            chats_filter=chats,
+            userid=userid,
+            operator=operator,
+            tz=tz,
         )
         return render(result, fmt)
 

@@ -98,6 +98,12 @@ footer { color: var(--muted); font-size: 12px; margin-top: 32px; }
   .charts { grid-template-columns: 1fr 1fr; } }
 """
 
+TIMES_NOTE: Final = (
+    "The time of a change is DingTalk's for a change received as a group event (source event, "
+    "with the operator who made it), else when a sync saw it (source poll: it happened after "
+    "the sync before)."
+)
+
 # No script, no fetch of any kind: the file works offline and cannot run injected code.
 CSP: Final = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 NUMERIC: Final = frozenset(
@@ -135,8 +141,7 @@ def _page(title: str, subtitle: str, sections: Iterable[str]) -> str:
         f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
         f'<header><h1>{esc(title)}</h1>\n<p class="meta">{subtitle}</p></header>\n'
         f"{body}\n"
-        f"<footer>dingtalk-etl {esc(__version__)}. Times are when a sync observed the state; "
-        "DingTalk does not report when a change happened.</footer>\n"
+        f"<footer>dingtalk-etl {esc(__version__)}. {esc(TIMES_NOTE)}</footer>\n"
         "</body>\n</html>\n"
     )
 
@@ -210,8 +215,8 @@ def _charts(series: Sequence[MembershipSeries]) -> str:
     )
     return (
         '<section id="charts"><h2>Membership over time</h2>'
-        '<p class="meta">Member count after each successful sync; open dots mark syncs that '
-        f'saw joins or leaves.</p>\n<div class="charts">\n{figures}\n</div></section>'
+        '<p class="meta">Member count after each successful sync and each group event; open '
+        f'dots mark joins or leaves.</p>\n<div class="charts">\n{figures}\n</div></section>'
     )
 
 
@@ -255,7 +260,7 @@ LEFT, RIGHT, TOP, BOTTOM = 44, 14, 14, 34
 
 def svg_chart(series: MembershipSeries) -> str:
     """A step chart of member count by sync; each point has a tooltip (``<title>``)."""
-    label = f"Member count of {series.chat_name or series.chatid} by sync"
+    label = f"Member count of {series.chat_name or series.chatid} by sync and event"
     open_tag = (
         f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" '
         f'role="img" aria-label="{esc(label)}"><title>{esc(label)}</title>'

@@ -7,9 +7,11 @@ nothing of the command line (click, option names, exit codes) or of output forma
 (``etl.output`` and ``etl.report_html`` render a ``Report``).
 
 Every answer is reconstructed from ``chat_events``, the append-only log: the membership of a
-chat at time T is the set of users whose latest member event at or before T is
-``member_joined`` (baseline members included). Times are *observation* times: a change
-happened at or before the sync that saw it, after the sync before.
+chat at time T is the set of users whose latest member event by (``occurred_at``, ``id``) at
+or before T is ``member_joined`` (baseline members included). ``occurred_at`` is the time of
+a change: DingTalk's time for a row of a group event (``source = 'event'``, with the
+``operator_userid`` who made it), the time of the read for a row a sync wrote (``source =
+'poll'``: the change happened at or before that sync, after the sync before).
 
 A question the data cannot answer (an unknown chat or user, a time before a chat's first
 sync) raises ``etl.errors.NoAnswer``, which carries what was asked.
@@ -69,8 +71,19 @@ MAX_CHARTS: Final = 50
 _MAX_POINTS: Final = 400
 
 BASELINE_NOTE: Final = (
-    "joined_at is when a sync first saw the membership; baseline members (present at the "
-    "chat's first sync) may have joined earlier."
+    "joined_at: when the membership began, DingTalk's time for a join received as an event, "
+    "else when a sync first saw it; baseline members (present at the chat's first sync) may "
+    "have joined earlier."
+)
+LEFT_NOTE: Final = (
+    "left_at: when the membership ended, DingTalk's time for a leave received as an event, "
+    "else when a sync first saw the member gone."
+)
+CHANGES_NOTE: Final = (
+    "occurred_at: when the change happened. source 'event': DingTalk's time, and "
+    "operator_userid is who made the change; source 'poll': when a sync saw it (it happened "
+    "after the chat's previous sync; no operator is known). observed_at: when it was recorded "
+    "(the sync's read, or the event's receipt); run_id: the sync that saw it (none for events)."
 )
 # The audit's chat summary: ``chat_list`` columns with the changes counted in the window.
 SUMMARY_COLUMNS: Final = (
@@ -160,7 +173,8 @@ def check_window(since: dt.datetime | None, until: dt.datetime | None) -> None:
 
 @dataclass(frozen=True)
 class SeriesPoint:
-    """Member count of a chat right after one successful sync (or at a window's start)."""
+    """Member count of a chat right after one successful sync (``run_id``), one group event
+    (``run_id`` None, ``label`` "event ...") or at a window's start."""
 
     at: dt.datetime
     count: int
@@ -281,7 +295,7 @@ def members(
         since = f" (first seen dismissed at {clock.text(dismissed)})" if dismissed else ""
         notes.insert(0, f"the chat was dismissed at that time{since}: membership as last observed")
     if any(row["left_at"] is not None for row in shaped):
-        notes.append("left_at: when a later sync first saw the member gone.")
+        notes.append(LEFT_NOTE)
     return Report(
         name="members",
         title=f"Members of {chatid} ({info['name']}) {when}: {len(shaped)}",
@@ -293,43 +307,61 @@ def members(
     )
 
 
+def _after(row: Any, other: Any) -> ColumnElement[bool]:
+    """``row`` comes after ``other`` in the log's order: by (``occurred_at``, ``id``)."""
+    return or_(
+        row.c.occurred_at > other.c.occurred_at,
+        and_(row.c.occurred_at == other.c.occurred_at, row.c.id > other.c.id),
+    )
+
+
 def _left_after(joined: Any) -> Any:
-    """When the membership that the ``member_joined`` row ``joined`` began was first seen to
-    end: the earliest later ``member_left`` of that chat and user (NULL: not yet)."""
+    """When the membership that the ``member_joined`` row ``joined`` began ended: the
+    ``occurred_at`` of the first later ``member_left`` of that chat and user (NULL: not yet)."""
     later = chat_events.alias("later")
     return (
-        select(func.min(later.c.observed_at))
+        select(func.min(later.c.occurred_at))
         .where(
             later.c.chatid == joined.c.chatid,
             later.c.userid == joined.c.userid,
             later.c.event_type == "member_left",
-            later.c.id > joined.c.id,
+            _after(later, joined),
         )
         .scalar_subquery()
     )
 
 
 def members_at_query(chatid: str, at: dt.datetime) -> Any:
-    """Members of ``chatid`` at ``at``: each user's latest member event at or before ``at``
-    is a join. ``left_at`` is when that membership was later seen to end (NULL: not yet)."""
-    e = chat_events.alias("e")
-    latest = (
-        select(func.max(e.c.id).label("id"))
-        .where(e.c.chatid == chatid, e.c.event_type.in_(MEMBER_EVENTS), e.c.observed_at <= at)
-        .group_by(e.c.userid)
-        .subquery("latest")
-    )
+    """Members of ``chatid`` at ``at``: each user whose latest member event by
+    (``occurred_at``, ``id``) at or before ``at`` is a join. ``joined_at`` is that join's
+    ``occurred_at``; ``left_at`` when that membership ended later (NULL: not yet)."""
     joined = chat_events.alias("j")
+    newer = chat_events.alias("newer")
+    superseded = (
+        select(newer.c.id)
+        .where(
+            newer.c.chatid == joined.c.chatid,
+            newer.c.userid == joined.c.userid,
+            newer.c.event_type.in_(MEMBER_EVENTS),
+            newer.c.occurred_at <= at,
+            _after(newer, joined),
+        )
+        .exists()
+    )
     left_at = _left_after(joined)
     return (
         select(
             joined.c.userid,
-            joined.c.observed_at.label("joined_at"),
+            joined.c.occurred_at.label("joined_at"),
             joined.c.is_baseline,
             left_at.label("left_at"),
         )
-        .join(latest, latest.c.id == joined.c.id)
-        .where(joined.c.event_type == "member_joined")
+        .where(
+            joined.c.chatid == chatid,
+            joined.c.event_type == "member_joined",
+            joined.c.occurred_at <= at,
+            not_(superseded),
+        )
         .order_by(joined.c.userid)
     )
 
@@ -341,20 +373,25 @@ def changes(
     until: dt.datetime | None,
     chats_filter: Sequence[str] = (),
     userid: str | None = None,
+    operator: str | None = None,
     tz: ZoneInfo,
 ) -> Report:
-    """Joins, leaves and attribute changes observed in [since, until] (both inclusive)."""
+    """Joins, leaves and attribute changes that occurred in [since, until] (both inclusive),
+    in the order they occurred; ``operator``: only the changes that user made."""
     check_window(since, until)
     clock = _Clock(tz)
     with database_errors("reading changes"), engine.connect() as conn:
         chatids = [_resolve_chat(conn, chat)["chatid"] for chat in chats_filter]
-        if userid is not None:
-            _require_user(conn, userid)
-        rows = conn.execute(_changes_query(since, until, chatids, userid)).mappings().all()
+        for someone in (userid, operator):
+            if someone is not None:
+                _require_user(conn, someone)
+        query = _changes_query(since, until, chatids, userid, operator)
+        rows = conn.execute(query).mappings().all()
         discovered = conn.execute(_discovered_query(since, until, chatids)).scalars().all()
     columns, shaped = _shape(
         rows,
         {
+            "occurred_at": lambda row: clock(row["occurred_at"]),
             "observed_at": lambda row: clock(row["observed_at"]),
             "chatid": itemgetter("chatid"),
             "chat_name": itemgetter("chat_name"),
@@ -366,10 +403,12 @@ def changes(
             "old_value": itemgetter("old_value"),
             "new_value": itemgetter("new_value"),
             "run_id": itemgetter("run_id"),
+            "source": itemgetter("source"),
+            "operator_userid": itemgetter("operator_userid"),
         },
     )
-    notes = ["observed_at: when a sync saw the change; it happened after the previous sync."]
-    if discovered and userid is None:
+    notes = [CHANGES_NOTE]
+    if discovered and userid is None and operator is None:
         listed = ", ".join(discovered[:10]) + (" ..." if len(discovered) > 10 else "")
         notes.append(
             f"{len(discovered)} chat(s) first synced in this window ({listed}): their members "
@@ -383,6 +422,8 @@ def changes(
     title = f"Changes {_window_text(since, until, clock)}"
     if scope:
         title += " for " + "; ".join(scope)
+    if operator is not None:
+        title += f" made by {operator}"
     return Report(
         name="changes",
         title=f"{title}: {len(shaped)}",
@@ -410,14 +451,20 @@ def change_kind(event_type: str, field_name: str | None, new: str | None, old: s
 
 
 def _changes_query(
-    since: dt.datetime | None, until: dt.datetime | None, chatids: Sequence[str], userid: str | None
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    chatids: Sequence[str],
+    userid: str | None,
+    operator: str | None = None,
 ) -> Any:
     e = chat_events
     where: list[ColumnElement[bool]] = [
         e.c.event_type.in_((*MEMBER_EVENTS, "attribute_changed")),
         not_(e.c.is_baseline),
-        *_window(e.c.observed_at, since, until),
+        *_window(e.c.occurred_at, since, until),
     ]
+    if operator is not None:
+        where.append(e.c.operator_userid == operator)
     if chatids:
         where.append(e.c.chatid.in_(chatids))
     if userid is not None:
@@ -432,6 +479,7 @@ def _changes_query(
         )
     return (
         select(
+            e.c.occurred_at,
             e.c.observed_at,
             e.c.chatid,
             chats.c.name.label("chat_name"),
@@ -441,10 +489,12 @@ def _changes_query(
             e.c.old_value,
             e.c.new_value,
             e.c.run_id,
+            e.c.source,
+            e.c.operator_userid,
         )
         .select_from(e.outerjoin(chats, chats.c.chatid == e.c.chatid))
         .where(*where)
-        .order_by(e.c.observed_at, e.c.id)
+        .order_by(e.c.occurred_at, e.c.id)
     )
 
 
@@ -453,11 +503,11 @@ def _discovered_query(
 ) -> Any:
     e = chat_events
     query = select(e.c.chatid).where(
-        e.c.event_type == "chat_discovered", *_window(e.c.observed_at, since, until)
+        e.c.event_type == "chat_discovered", *_window(e.c.occurred_at, since, until)
     )
     if chatids:
         query = query.where(e.c.chatid.in_(chatids))
-    return query.order_by(e.c.observed_at, e.c.chatid)
+    return query.order_by(e.c.occurred_at, e.c.chatid)
 
 
 def user(engine: Engine, userid: str, *, tz: ZoneInfo) -> Report:
@@ -483,7 +533,11 @@ def user(engine: Engine, userid: str, *, tz: ZoneInfo) -> Report:
     current = sum(
         1 for row in shaped if row["left_at"] is None and row["chat_status"] != "dismissed"
     )
-    notes = [BASELINE_NOTE, "left_at empty: still a member at the chat's latest sync."]
+    notes = [
+        BASELINE_NOTE,
+        LEFT_NOTE,
+        "left_at empty: still a member at the chat's latest sync or event.",
+    ]
     if not shaped:
         notes.insert(0, f"{userid} owns chats but was never seen as a member of one.")
     return Report(
@@ -500,14 +554,15 @@ def user(engine: Engine, userid: str, *, tz: ZoneInfo) -> Report:
 
 
 def user_intervals_query(userid: str) -> Any:
-    """One row per ``member_joined`` of the user, with the first leave after it."""
+    """One row per ``member_joined`` of the user, with the first leave after it; times are
+    ``occurred_at``, in the log's order (``occurred_at``, ``id``) per chat."""
     joined = chat_events.alias("j")
     left_at = _left_after(joined)
     return (
         select(
             joined.c.chatid,
             chats.c.name.label("chat_name"),
-            joined.c.observed_at.label("joined_at"),
+            joined.c.occurred_at.label("joined_at"),
             joined.c.is_baseline,
             left_at.label("left_at"),
             chats.c.owner_userid,
@@ -516,7 +571,7 @@ def user_intervals_query(userid: str) -> Any:
         )
         .select_from(joined.outerjoin(chats, chats.c.chatid == joined.c.chatid))
         .where(joined.c.userid == userid, joined.c.event_type == "member_joined")
-        .order_by(joined.c.chatid, joined.c.id)
+        .order_by(joined.c.chatid, joined.c.occurred_at, joined.c.id)
     )
 
 
@@ -679,13 +734,20 @@ def audit(
     until: dt.datetime | None,
     chats_filter: Sequence[str] = (),
     userid: str | None = None,
+    operator: str | None = None,
     tz: ZoneInfo,
 ) -> AuditReport:
     """The changes report plus, for the selected chats (else every chat changed in the
     window), a summary and the member count after each sync in the window."""
     clock = _Clock(tz)
     changed = changes(
-        engine, since=since, until=until, chats_filter=chats_filter, userid=userid, tz=tz
+        engine,
+        since=since,
+        until=until,
+        chats_filter=chats_filter,
+        userid=userid,
+        operator=operator,
+        tz=tz,
     )
     with database_errors("reading chats"), engine.connect() as conn:
         chatids = [_resolve_chat(conn, chat)["chatid"] for chat in chats_filter]
@@ -805,6 +867,7 @@ def _require_user(conn: Connection, userid: str) -> None:
                     or_(chat_events.c.old_value == userid, chat_events.c.new_value == userid),
                 )
                 .exists(),
+                select(chat_events.c.id).where(chat_events.c.operator_userid == userid).exists(),
             )
         )
         .limit(1)
@@ -820,16 +883,16 @@ def _value_at(conn: Connection, chatid: str, column: str, at: dt.datetime, now: 
     changes_of &= e.c.field == column
     before = conn.execute(
         select(e.c.new_value)
-        .where(changes_of, e.c.observed_at <= at)
-        .order_by(e.c.observed_at.desc(), e.c.id.desc())
+        .where(changes_of, e.c.occurred_at <= at)
+        .order_by(e.c.occurred_at.desc(), e.c.id.desc())
         .limit(1)
     ).first()
     if before is not None:
         return before.new_value
     after = conn.execute(
         select(e.c.old_value)
-        .where(changes_of, e.c.observed_at > at)
-        .order_by(e.c.observed_at, e.c.id)
+        .where(changes_of, e.c.occurred_at > at)
+        .order_by(e.c.occurred_at, e.c.id)
         .limit(1)
     ).first()
     return after.old_value if after is not None else now
@@ -842,7 +905,8 @@ def _series(
     until: dt.datetime | None,
     clock: _Clock,
 ) -> MembershipSeries:
-    """Member count right after each successful sync of a chat, within [since, until]."""
+    """Member count of a chat right after each successful sync and each group event, within
+    [since, until]: the log replayed by (``occurred_at``, ``id``) up to each of them."""
     chatid = info["chatid"]
     runs = conn.execute(
         select(sync_run_items.c.run_id, sync_runs.c.started_at)
@@ -850,41 +914,60 @@ def _series(
         .where(sync_run_items.c.chatid == chatid, sync_run_items.c.status == "ok")
         .order_by(sync_run_items.c.run_id)
     ).all()
-    events = conn.execute(
+    log = conn.execute(
         select(
             chat_events.c.run_id,
-            chat_events.c.observed_at,
+            chat_events.c.occurred_at,
+            chat_events.c.source,
+            chat_events.c.event_id,
+            chat_events.c.operator_userid,
             chat_events.c.event_type,
             chat_events.c.userid,
             chat_events.c.field,
             chat_events.c.new_value,
+            chat_events.c.is_baseline,
         )
         .where(chat_events.c.chatid == chatid)
-        .order_by(chat_events.c.id)
+        .order_by(chat_events.c.occurred_at, chat_events.c.id)
     ).all()
-    by_run: dict[int | None, list[Any]] = {}
-    for event in events:
-        by_run.setdefault(event.run_id, []).append(event)
-    present: set[str] = set()
-    points: list[SeriesPoint] = []
+    by_run: dict[int, list[Any]] = {}
+    by_event: dict[str, list[Any]] = {}
+    for row in log:
+        if row.source == "event":
+            by_event.setdefault(row.event_id, []).append(row)
+        elif row.run_id is not None:
+            by_run.setdefault(row.run_id, []).append(row)
+    # (time, run id, the rows written then, label): a sync is charted at the time of its read
+    # (its rows' time; the run's start when it wrote none), an event at DingTalk's time.
+    moments: list[tuple[dt.datetime, int | None, list[Any], str]] = []
     for run_id, started_at in runs:
         batch = by_run.get(run_id, [])
-        joined = left = 0
-        labels: list[str] = []
-        for event in batch:
-            if event.event_type == "member_joined":
-                present.add(event.userid)
-                joined += 1
-            elif event.event_type == "member_left":
-                present.discard(event.userid)
-                left += 1
-            elif event.event_type == "chat_discovered":
-                labels.append("first sync")
-            elif event.field == "status" and event.new_value == str(STATUS_DISMISSED):
-                labels.append("dismissed")
-        at = max((event.observed_at for event in batch), default=started_at)
-        if "first sync" in labels:
-            joined = 0  # the baseline is no join
+        at = max((row.occurred_at for row in batch), default=started_at)
+        moments.append((at, run_id, batch, ""))
+    for batch in by_event.values():
+        operator = batch[0].operator_userid
+        label = f"event by {operator}" if operator else "event"
+        moments.append((batch[0].occurred_at, None, batch, label))
+    moments.sort(key=itemgetter(0))
+    present: set[str] = set()
+    replayed = 0
+    points: list[SeriesPoint] = []
+    for at, run_id, batch, label in moments:
+        while replayed < len(log) and log[replayed].occurred_at <= at:
+            row = log[replayed]
+            if row.event_type == "member_joined":
+                present.add(row.userid)
+            elif row.event_type == "member_left":
+                present.discard(row.userid)
+            replayed += 1
+        labels = [label] if label else []
+        if any(row.event_type == "chat_discovered" for row in batch):
+            labels.append("first sync")
+        if any(row.field == "status" and row.new_value == str(STATUS_DISMISSED) for row in batch):
+            labels.append("dismissed")
+        # The baseline at a chat's first sync is no join.
+        joined = sum(row.event_type == "member_joined" and not row.is_baseline for row in batch)
+        left = sum(row.event_type == "member_left" for row in batch)
         points.append(SeriesPoint(at, len(present), run_id, joined, left, ", ".join(labels)))
     windowed = [
         p for p in points if (since is None or p.at >= since) and (until is None or p.at <= until)

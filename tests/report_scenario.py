@@ -9,6 +9,13 @@ Built for real: the simulator over HTTP, five sync runs into a migrated database
     run 4  nothing changes; chat-eng fails (HTTP 502 three times)
     run 5  chat-fin renamed "Finance & Controlling" and made searchable; chat-eng: dave
            leaves; chat-old fails (HTTP 502 three times)
+    events group events over Stream mode, received late (the listener connects after the
+           changes, so DingTalk's time is well before the time of receipt): chat-fin: alice
+           removes dan, then adds him back; chat-eng: bob adds frank, then frank quits (a
+           poll sees neither); chat-new, not synced: gina adds hank, and discovery adds the
+           chat to the synced set (its event waits for a reconcile)
+    run 6  the reconcile (trigger 'event') re-reads chat-fin and chat-eng: the events said
+           it all, so it writes no row
 
 The fixtures ``scenario`` (per module and database) and ``engine`` are registered for the
 whole suite by ``tests/conftest.py``.
@@ -17,7 +24,9 @@ whole suite by ``tests/conftest.py``.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +35,13 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import URL, Engine
 
-from etl.config import parse_config
+from etl.config import Config, parse_config
 from etl.db import create_db_engine
+from etl.listener import run_listen
 from etl.logs import configure_logging
-from etl.schema import chats
-from etl.simulator import SimChat, Simulator, World
-from etl.sync import run_sync
+from etl.schema import chat_events, chats, pushed_events
+from etl.simulator import SimChat, Simulator, StreamGateway, World
+from etl.sync import reconcile, run_sync
 from tests.conftest import APP_KEY, APP_SECRET, DATABASES, fresh_database, migrated
 
 CHATIDS = ["chat-fin", "chat-eng", "chat-old", "chat-x"]
@@ -45,12 +55,14 @@ MEMBERS: dict[str, dict[int, frozenset[str]]] = {
         3: frozenset({"alice", "carol", "dan"}),
         4: frozenset({"alice", "carol", "dan"}),
         5: frozenset({"alice", "carol", "dan"}),
+        6: frozenset({"alice", "carol", "dan"}),
     },
     "chat-eng": {
         1: frozenset({"dave", "bob"}),
         2: frozenset({"dave", "bob"}),
         3: frozenset({"dave", "bob"}),
         5: frozenset({"bob"}),
+        6: frozenset({"bob"}),
     },
     "chat-old": {
         1: frozenset({"erin", "bob"}),
@@ -60,6 +72,15 @@ MEMBERS: dict[str, dict[int, frozenset[str]]] = {
     },
 }
 OWNERS = {"chat-fin": "alice", "chat-eng": "bob", "chat-old": "erin"}
+# The group events, in the order they happened: (chatid, event_type, userid, operator).
+EVENTS: list[tuple[str, str, str, str]] = [
+    ("chat-fin", "member_left", "dan", "alice"),
+    ("chat-fin", "member_joined", "dan", "alice"),
+    ("chat-eng", "member_joined", "frank", "bob"),
+    ("chat-eng", "member_left", "frank", "frank"),
+]
+# How much later than DingTalk's time of the change its event is received, at least.
+RECEIVED_LATE = dt.timedelta(milliseconds=300)
 
 
 def build_world() -> World:
@@ -90,12 +111,32 @@ class Scenario:
     # (chatid, run) -> when that run fetched the chat (observed_at of its events, if any)
     synced_at: dict[tuple[str, int], dt.datetime] = field(default_factory=dict)
     runs: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # The chat_events rows of the group events (source 'event'), by (occurred_at, id).
+    event_rows: list[dict[str, Any]] = field(default_factory=list)
+    # The pushed_events rows, by occurred_at.
+    pushed: list[dict[str, Any]] = field(default_factory=list)
 
     def engine(self) -> Engine:
         return create_db_engine(self.url)
 
     def at(self, chatid: str, run: int) -> dt.datetime:
         return self.synced_at[(chatid, run)]
+
+    def event(self, number: int) -> dict[str, Any]:
+        """The ``chat_events`` row of ``EVENTS[number]``."""
+        return self.event_rows[number]
+
+    def occurred(self, number: int) -> dt.datetime:
+        """DingTalk's time of ``EVENTS[number]``."""
+        at: dt.datetime = self.event(number)["occurred_at"]
+        return at
+
+    def after_event(self, number: int) -> dt.datetime:
+        """A time after ``EVENTS[number]`` happened, before the next one happened and before
+        it was received."""
+        occurred, received = self.occurred(number), self.event(number)["observed_at"]
+        following = self.occurred(number + 1) if number + 1 < len(self.event_rows) else received
+        return occurred + (min(received, following) - occurred) / 2
 
     def between(self, chatid: str, run: int, next_run: int) -> dt.datetime:
         first, second = self.at(chatid, run), self.at(chatid, next_run)
@@ -135,8 +176,8 @@ def build_scenario(kind: str, folder: Path) -> Scenario:
 
         last: dict[str, dt.datetime] = {}
 
-        def sync(number: int) -> None:
-            result = run_sync(config)
+        def sync(number: int, run: Callable[[], Any] = lambda: run_sync(config)) -> None:
+            result = run()
             scenario.run_ids[number] = result.run_id
             scenario.runs[number] = {"status": result.status}
             engine = create_db_engine(url)
@@ -164,7 +205,81 @@ def build_scenario(kind: str, folder: Path) -> Scenario:
         world.remove_members("chat-eng", ["dave"])
         world.inject("chat-old", "http:502", "http:502", "http:502")
         sync(5)
+
+        with StreamGateway(world, ping_interval=0.5, redeliver_after=0.5) as gateway:
+            # The changes happen while no listener is connected: their events wait.
+            world.remove_members("chat-fin", ["dan"], operator="alice")
+            world.add_members("chat-fin", ["dan"], operator="alice")
+            world.add_members("chat-eng", ["frank"], operator="bob")
+            world.quit("chat-eng", "frank")
+            world.add_chat(SimChat("chat-new", "New team", "gina", ["gina"]))
+            world.add_members("chat-new", ["hank"], operator="gina")
+            time.sleep(RECEIVED_LATE.total_seconds())
+            events = {
+                **raw,
+                "events": {
+                    "gateway_url": gateway.gateway_url,
+                    "discover_chats": True,
+                    # The reconcile is run below, as run 6, once every event is stored.
+                    "reconcile_delay_seconds": 3600,
+                },
+            }
+            listen(parse_config(events, folder / "listen.toml", environ={}), url, expected=5)
+        sync(6, lambda: reconcile(config, ["chat-fin", "chat-eng"]))
+        scenario.event_rows, scenario.pushed = _recorded_events(url)
     return scenario
+
+
+def listen(config: Config, url: URL, *, expected: int) -> None:
+    """``dingtalk-etl listen`` until ``expected`` events are stored, then stop it."""
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_listen(config, stop, lambda _chatids: None)
+        except BaseException as exc:  # handed to the builder
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="scenario-listen", daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: failed or len(_rows(url, pushed_events)) >= expected, "the events")
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    if failed:
+        raise failed[0]
+    assert len(_rows(url, pushed_events)) == expected
+
+
+def _wait(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _rows(url: URL, table: Any, *order: Any) -> list[dict[str, Any]]:
+    engine = create_db_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(table).order_by(*order)).mappings()]
+    finally:
+        engine.dispose()
+
+
+def _recorded_events(url: URL) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    rows = [
+        r
+        for r in _rows(url, chat_events, chat_events.c.occurred_at, chat_events.c.id)
+        if r["source"] == "event"
+    ]
+    got = [(r["chatid"], r["event_type"], r["userid"], r["operator_userid"]) for r in rows]
+    assert got == EVENTS, got
+    assert all(r["observed_at"] - r["occurred_at"] >= RECEIVED_LATE for r in rows)
+    return rows, _rows(url, pushed_events, pushed_events.c.occurred_at)
 
 
 @pytest.fixture(scope="module", params=DATABASES, ids=DATABASES)

@@ -61,13 +61,35 @@ def test_audit_has_summary_charts_and_changes(scenario: Scenario) -> None:
         assert section in page
     charts = figures(page)
     assert sorted(charts) == ["chat-eng", "chat-fin", "chat-old"]
-    # One point per successful sync: chat-eng failed in run 4, chat-old in run 5.
+    # One point per successful sync (chat-eng failed in run 4, chat-old in run 5; run 6, the
+    # reconcile, read chat-fin and chat-eng) and one per group event (two in each).
     points = {chatid: svg.count("<circle") for chatid, svg in charts.items()}
-    assert points == {"chat-fin": 5, "chat-eng": 4, "chat-old": 4}
+    assert points == {"chat-fin": 8, "chat-eng": 7, "chat-old": 4}
     assert "dismissed</text>" in charts["chat-old"]
     assert "3 members (+1 / -1), run" in charts["chat-fin"]  # run 2: dan in, carol out
-    assert page.count('<tr class="change-') == 9
+    assert "2 members (+0 / -1), event by alice" in charts["chat-fin"]  # dan removed
+    assert "2 members (+1 / -0), event by bob" in charts["chat-eng"]  # frank, no poll saw
+    assert page.count('<tr class="change-') == 13
     assert "Chats in this report: 3" in page
+
+
+def test_audit_changes_show_time_operator_and_source(scenario: Scenario) -> None:
+    page = audit_html(scenario.url)
+
+    changes = page.split('<section id="changes">', 1)[1].split("</section>", 1)[0]
+    head = re.findall(r'<th[^>]* title="(\w+)">', changes)
+    assert head[:2] == ["occurred_at", "observed_at"]
+    assert head[-2:] == ["source", "operator_userid"]
+    rows = re.findall(r'<tr class="change-(\w+)">(.*?)</tr>', changes)
+    cells = [(kind, re.findall(r"<td[^>]*>(.*?)</td>", row)) for kind, row in rows]
+    removed = [c for kind, c in cells if kind == "left" and c[5] == "dan"]
+    assert len(removed) == 1
+    assert removed[0][-2:] == ["event", "alice"]
+    occurred = scenario.occurred(0).strftime("%Y-%m-%d %H:%M:%S")
+    assert f"{occurred}</time>" in removed[0][0]
+    polled = [c for kind, c in cells if kind == "left" and c[5] == "carol"]
+    assert [c[-2:] for c in polled] == [["poll", ""]]
+    assert "DingTalk&#x27;s for a change received as a group event" in page
 
 
 def test_audit_window_and_chat_selection(scenario: Scenario) -> None:
@@ -76,10 +98,11 @@ def test_audit_window_and_chat_selection(scenario: Scenario) -> None:
 
     charts = figures(page)
     assert list(charts) == ["chat-fin"]
-    # The count at the window's start, then runs 4 and 5.
-    assert charts["chat-fin"].count("<circle") == 3
+    # The count at the window's start, runs 4, 5 and 6, and alice's two events.
+    assert charts["chat-fin"].count("<circle") == 6
     assert "window start" in charts["chat-fin"]
-    assert page.count('<tr class="change-') == 2  # the rename and the searchable change
+    # The rename, the searchable change, dan removed and added back.
+    assert page.count('<tr class="change-') == 4
 
 
 @pytest.mark.parametrize(

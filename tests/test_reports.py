@@ -41,6 +41,15 @@ def now(_s: Scenario) -> None:
     return None
 
 
+def after_event(number: int) -> When:
+    """After ``EVENTS[number]`` happened, before it was received and before the next one."""
+    return lambda s: s.after_event(number)
+
+
+def before_event(number: int) -> When:
+    return lambda s: s.occurred(number) - US
+
+
 # -- members ------------------------------------------------------------------------------------
 
 MEMBER_CASES: list[tuple[str, When, frozenset[str]]] = [
@@ -51,9 +60,16 @@ MEMBER_CASES: list[tuple[str, When, frozenset[str]]] = [
     ("chat-fin", between("chat-fin", 2, 3), MEMBERS["chat-fin"][2]),
     ("chat-fin", at("chat-fin", 3), MEMBERS["chat-fin"][3]),
     ("chat-fin", at("chat-fin", 5), MEMBERS["chat-fin"][5]),
-    ("chat-fin", now, MEMBERS["chat-fin"][5]),
+    ("chat-fin", before_event(0), MEMBERS["chat-fin"][5]),
+    ("chat-fin", after_event(0), frozenset({"alice", "carol"})),
+    ("chat-fin", after_event(1), MEMBERS["chat-fin"][5]),
+    ("chat-fin", at("chat-fin", 6), MEMBERS["chat-fin"][6]),
+    ("chat-fin", now, MEMBERS["chat-fin"][6]),
     ("chat-eng", between("chat-eng", 3, 5), MEMBERS["chat-eng"][3]),
     ("chat-eng", at("chat-eng", 5), MEMBERS["chat-eng"][5]),
+    ("chat-eng", after_event(2), frozenset({"bob", "frank"})),
+    ("chat-eng", after_event(3), MEMBERS["chat-eng"][5]),
+    ("chat-eng", now, MEMBERS["chat-eng"][6]),
     ("chat-old", at("chat-old", 3), MEMBERS["chat-old"][3]),
     ("chat-old", now, MEMBERS["chat-old"][4]),
 ]
@@ -65,9 +81,16 @@ MEMBER_IDS = [
     "fin-between-runs-2-3",
     "fin-at-run3-rejoin",
     "fin-at-run5",
+    "fin-just-before-alice-removes-dan",
+    "fin-alice-removed-dan-event-not-yet-received",
+    "fin-alice-added-dan-back",
+    "fin-at-reconcile",
     "fin-now",
     "eng-between-run3-and-5",
     "eng-at-run5-leave",
+    "eng-frank-added-by-event-no-poll-saw",
+    "eng-frank-quit-by-event",
+    "eng-now",
     "old-at-dismissal",
     "old-now-dismissed",
 ]
@@ -104,8 +127,34 @@ def test_members_joined_left_baseline_and_owner(scenario: Scenario, engine: Engi
     assert view(late) == {
         "alice": (first, True, None, True),
         "carol": (s.at("chat-fin", 3), False, None, False),  # re-joined: a new interval
-        "dan": (s.at("chat-fin", 2), False, None, False),
+        "dan": (s.at("chat-fin", 2), False, s.occurred(0), False),  # alice removed him
     }
+
+
+def test_members_as_of_follows_occurred_at_not_observed_at(
+    scenario: Scenario, engine: Engine
+) -> None:
+    """Between DingTalk's time of a change and the time it was recorded, the change decides:
+    the event row occurred before it was received, and before the reconcile's read."""
+    s = scenario
+    removed, added_back = s.event(0), s.event(1)
+    as_of = s.after_event(0)
+    assert removed["occurred_at"] < as_of < removed["observed_at"] < s.at("chat-fin", 6)
+
+    during = reports.members(engine, "chat-fin", as_of=as_of, tz=UTC)
+    received = reports.members(engine, "chat-fin", as_of=removed["observed_at"], tz=UTC)
+    later = reports.members(engine, "chat-fin", as_of=s.at("chat-fin", 6), tz=UTC)
+
+    assert "dan" not in {r["userid"] for r in during.rows}
+    # Received after alice added him back: the re-join (occurred later) decides.
+    assert added_back["occurred_at"] < removed["observed_at"]
+    dan = next(r for r in received.rows if r["userid"] == "dan")
+    assert (dan["joined_at"], dan["baseline"], dan["left_at"]) == (
+        added_back["occurred_at"],
+        False,
+        None,
+    )
+    assert [r for r in later.rows if r["userid"] == "dan"] == [dan]
 
 
 @pytest.mark.parametrize(
@@ -181,22 +230,39 @@ def test_members_by_chat_name_and_in_the_report_timezone(
 
 # -- changes ------------------------------------------------------------------------------------
 
-Change = tuple[str, str, str | None, str | None, str | None, int]
+# (chatid, change, userid, old_value, new_value, the run that saw it or None for an event,
+# operator_userid)
+Change = tuple[str, str, str | None, str | None, str | None, int | None, str | None]
 ALL_CHANGES: list[Change] = [
-    ("chat-fin", "joined", "dan", None, None, 2),
-    ("chat-fin", "left", "carol", None, None, 2),
-    ("chat-eng", "owner_changed", None, "dave", "bob", 2),
-    ("chat-fin", "joined", "carol", None, None, 3),
-    ("chat-fin", "left", "bob", None, None, 3),
-    ("chat-old", "dismissed", None, "1", "2", 3),
-    ("chat-fin", "renamed", None, "Finance", "Finance & Controlling", 5),
-    ("chat-fin", "setting_changed", None, "0", "1", 5),
-    ("chat-eng", "left", "dave", None, None, 5),
+    ("chat-fin", "joined", "dan", None, None, 2, None),
+    ("chat-fin", "left", "carol", None, None, 2, None),
+    ("chat-eng", "owner_changed", None, "dave", "bob", 2, None),
+    ("chat-fin", "joined", "carol", None, None, 3, None),
+    ("chat-fin", "left", "bob", None, None, 3, None),
+    ("chat-old", "dismissed", None, "1", "2", 3, None),
+    ("chat-fin", "renamed", None, "Finance", "Finance & Controlling", 5, None),
+    ("chat-fin", "setting_changed", None, "0", "1", 5, None),
+    ("chat-eng", "left", "dave", None, None, 5, None),
+    # The group events (EVENTS), in the order they occurred; the reconcile added nothing.
+    ("chat-fin", "left", "dan", None, None, None, "alice"),
+    ("chat-fin", "joined", "dan", None, None, None, "alice"),
+    ("chat-eng", "joined", "frank", None, None, None, "bob"),
+    ("chat-eng", "left", "frank", None, None, None, "frank"),  # quit
 ]
-
-
-def pick(*runs_and_kinds: tuple[int, str, str | None]) -> list[Change]:
-    return [c for c in ALL_CHANGES if (c[5], c[1], c[2] or c[4]) in runs_and_kinds]
+CHANGE_COLUMNS = (
+    "occurred_at",
+    "observed_at",
+    "chatid",
+    "chat_name",
+    "change",
+    "userid",
+    "field",
+    "old_value",
+    "new_value",
+    "run_id",
+    "source",
+    "operator_userid",
+)
 
 
 CHANGE_CASES: list[tuple[str, Callable[[Scenario], dict[str, Any]], list[Change]]] = [
@@ -217,12 +283,12 @@ CHANGE_CASES: list[tuple[str, Callable[[Scenario], dict[str, Any]], list[Change]
     (
         "chat-eng",
         lambda s: {"chats_filter": ["chat-eng"]},
-        [ALL_CHANGES[2], ALL_CHANGES[8]],
+        [ALL_CHANGES[i] for i in (2, 8, 11, 12)],
     ),
     (
         "two-chats-by-name-and-id",
         lambda s: {"chats_filter": ["Old project", "chat-eng"]},
-        [ALL_CHANGES[2], ALL_CHANGES[5], ALL_CHANGES[8]],
+        [ALL_CHANGES[i] for i in (2, 5, 8, 11, 12)],
     ),
     ("user-bob-incl-owner-change", lambda s: {"userid": "bob"}, [ALL_CHANGES[2], ALL_CHANGES[4]]),
     (
@@ -233,8 +299,22 @@ CHANGE_CASES: list[tuple[str, Callable[[Scenario], dict[str, Any]], list[Change]
     (
         "chat-and-user",
         lambda s: {"chats_filter": ["chat-fin"], "userid": "dan"},
-        [ALL_CHANGES[0]],
+        [ALL_CHANGES[i] for i in (0, 9, 10)],
     ),
+    (
+        "one-event-by-its-time-not-its-receipt",
+        lambda s: {"since": s.occurred(0), "until": s.after_event(0)},
+        [ALL_CHANGES[9]],
+    ),
+    ("since-the-reconcile", lambda s: {"since": s.at("chat-fin", 6)}, []),
+    ("operator-bob", lambda s: {"operator": "bob"}, [ALL_CHANGES[11]]),
+    ("operator-frank-quit", lambda s: {"operator": "frank"}, [ALL_CHANGES[12]]),
+    (
+        "operator-alice-in-chat-fin",
+        lambda s: {"operator": "alice", "chats_filter": ["chat-fin"]},
+        ALL_CHANGES[9:11],
+    ),
+    ("operator-and-user", lambda s: {"operator": "bob", "userid": "dan"}, []),
 ]
 
 
@@ -251,14 +331,41 @@ def test_changes_in_a_window(
     report = reports.changes(engine, tz=UTC, **kwargs)
 
     got = [
-        (r["chatid"], r["change"], r["userid"], r["old_value"], r["new_value"], r["run_id"])
+        (
+            r["chatid"],
+            r["change"],
+            r["userid"],
+            r["old_value"],
+            r["new_value"],
+            r["run_id"],
+            r["source"],
+            r["operator_userid"],
+        )
         for r in report.rows
     ]
-    assert got == [(*c[:5], scenario.run_ids[c[5]]) for c in expected]
+    assert got == [
+        (*c[:5], None, "event", c[6])
+        if c[5] is None
+        else (*c[:5], scenario.run_ids[c[5]], "poll", c[6])
+        for c in expected
+    ]
+    assert report.columns == CHANGE_COLUMNS
     assert {r["change"] for r in report.rows} <= set(reports.CHANGE_KINDS)
+    events = {(e["chatid"], e["userid"], e["event_type"]): e for e in scenario.event_rows}
     for row in report.rows:
-        run = next(n for n, rid in scenario.run_ids.items() if rid == row["run_id"])
-        assert row["observed_at"] == scenario.at(row["chatid"], run)
+        if row["source"] == "poll":
+            run = next(n for n, rid in scenario.run_ids.items() if rid == row["run_id"])
+            assert row["occurred_at"] == row["observed_at"] == scenario.at(row["chatid"], run)
+        else:
+            event = events[(row["chatid"], row["userid"], f"member_{row['change']}")]
+            # DingTalk's time of the change, and the (later) time it was received.
+            assert (row["occurred_at"], row["observed_at"]) == (
+                event["occurred_at"],
+                event["observed_at"],
+            )
+            assert row["occurred_at"] < row["observed_at"]
+    times = [row["occurred_at"] for row in report.rows]
+    assert times == sorted(times)
 
 
 def test_changes_note_chats_discovered_in_the_window(scenario: Scenario, engine: Engine) -> None:
@@ -282,7 +389,9 @@ def test_changes_without_an_answer(engine: Engine, kwargs: dict[str, Any], messa
 
 # -- user ---------------------------------------------------------------------------------------
 
-Interval = tuple[str, int, bool, int | None, bool, str, int | None]
+# (chatid, joined, baseline, left, is_owner, chat_status, dismissed): a time is a run
+# number (when that run saw it) or "event N" (when EVENTS[N] happened).
+Interval = tuple[str, int | str, bool, int | str | None, bool, str, int | None]
 USER_CASES: list[tuple[str, list[Interval]]] = [
     (
         "bob",
@@ -300,7 +409,14 @@ USER_CASES: list[tuple[str, list[Interval]]] = [
         ],
     ),
     ("dave", [("chat-eng", 1, True, 5, False, "normal", None)]),
-    ("dan", [("chat-fin", 2, False, None, False, "normal", None)]),
+    (
+        "dan",
+        [
+            ("chat-fin", 2, False, "event 0", False, "normal", None),
+            ("chat-fin", "event 1", False, None, False, "normal", None),
+        ],
+    ),
+    ("frank", [("chat-eng", "event 2", False, "event 3", False, "normal", None)]),
 ]
 
 
@@ -310,8 +426,10 @@ def test_user_intervals(
 ) -> None:
     report = reports.user(engine, userid, tz=UTC)
 
-    def when(chatid: str, run: int | None) -> dt.datetime | None:
-        return None if run is None else scenario.at(chatid, run)
+    def when(chatid: str, ref: int | str | None) -> dt.datetime | None:
+        if isinstance(ref, str):
+            return scenario.occurred(int(ref.removeprefix("event ")))
+        return None if ref is None else scenario.at(chatid, ref)
 
     assert [
         (
@@ -396,8 +514,8 @@ def test_sync_health(scenario: Scenario, engine: Engine) -> None:
         )
 
     assert {chatid: view(r) for chatid, r in rows.items()} == {
-        "chat-eng": ("ok", run[5], run[5], 0, run[4], None),
-        "chat-fin": ("ok", run[5], run[5], 0, None, None),
+        "chat-eng": ("ok", run[6], run[6], 0, run[4], None),
+        "chat-fin": ("ok", run[6], run[6], 0, None, None),
         "chat-old": ("failing", run[4], run[5], 1, run[5], None),
         "chat-x": ("never synced", None, run[5], 5, run[5], 40016),
     }
@@ -566,6 +684,37 @@ def test_cli_reports_as_json_and_csv(
     assert "(times in UTC)" in table.stdout
 
 
+@pytest.mark.parametrize("fmt", ["json", "csv", "table"])
+def test_cli_changes_show_the_operator_and_the_source(scenario: Scenario, fmt: str) -> None:
+    result = report_cli(scenario, "changes", "--operator", "alice", "--format", fmt)
+    every = report_cli(scenario, "changes", "--format", fmt)
+
+    assert (result.exit_code, every.exit_code) == (0, 0), result.stderr
+    if fmt == "table":
+        assert "Changes since the first sync made by alice: 2" in result.stdout
+        assert "operator_userid" in result.stdout
+        return
+    if fmt == "json":
+        rows, all_rows = json.loads(result.stdout), json.loads(every.stdout)
+    else:
+        rows = list(csv.DictReader(io.StringIO(result.stdout)))
+        all_rows = list(csv.DictReader(io.StringIO(every.stdout)))
+    assert list(rows[0]) == list(CHANGE_COLUMNS)
+    assert [(r["change"], r["userid"], r["source"], r["operator_userid"]) for r in rows] == [
+        ("left", "dan", "event", "alice"),
+        ("joined", "dan", "event", "alice"),
+    ]
+    removed = rows[0]
+    assert dt.datetime.fromisoformat(removed["occurred_at"]) == scenario.occurred(0)
+    assert dt.datetime.fromisoformat(removed["observed_at"]) == scenario.event(0)["observed_at"]
+    assert removed["run_id"] in (None, "")
+    # Changes a sync found: source poll, no operator, the time of the sync.
+    polled = [r for r in all_rows if r["source"] == "poll"]
+    assert len(polled) == 9
+    assert {r["operator_userid"] for r in polled} <= {None, ""}
+    assert all(r["occurred_at"] == r["observed_at"] for r in polled)
+
+
 def test_cli_shows_and_reads_times_in_the_report_timezone(scenario: Scenario) -> None:
     run2 = scenario.at("chat-fin", 2)
     local = run2.astimezone(SHANGHAI).replace(tzinfo=None).isoformat()  # naive: read in the zone
@@ -644,6 +793,12 @@ CLI_ERRORS: list[tuple[str, list[str], int, str]] = [
     ("never-synced", ["members", "--chat", "chat-x"], 1, "was never synced successfully"),
     ("unknown-chat-in-changes", ["changes", "--chat", "nope"], 1, "no chat 'nope'"),
     ("unknown-user", ["user", "--userid", "nobody"], 1, "userid 'nobody' was never seen"),
+    (
+        "unknown-operator",
+        ["changes", "--operator", "nobody"],
+        1,
+        "userid 'nobody' was never seen",
+    ),
 ]
 
 
@@ -717,11 +872,12 @@ def test_cli_report_help_answers_each_question() -> None:
     [
         ("members", "--as-of TIMESTAMP"),
         ("changes", "--since TIMESTAMP"),
+        ("changes", "--operator ID"),
         ("user", "--userid ID"),
         ("chats", "--risky"),
         ("sync-health", "--format [table|csv|json|html]"),
     ],
-    ids=["members", "changes", "user", "chats", "sync-health"],
+    ids=["members", "changes", "changes-operator", "user", "chats", "sync-health"],
 )
 def test_cli_report_subcommand_help(command: str, expected: str) -> None:
     result = invoke(["report", command, "--help"])

@@ -22,6 +22,7 @@ from tests.report_scenario import MEMBERS, Scenario
 DOC = Path(__file__).resolve().parent.parent / "docs" / "schema.md"
 TIME_PARAMS = ("as_of", "since", "until")
 UTC = ZoneInfo("UTC")
+US = dt.timedelta(microseconds=1)
 
 
 def sql_blocks() -> dict[str, str]:
@@ -66,19 +67,28 @@ def check_find_chat(s: Scenario, engine: Engine) -> None:
 
 def check_members_at(s: Scenario, engine: Engine) -> None:
     cases = [
-        (s.at("chat-fin", 1), MEMBERS["chat-fin"][1]),
-        (s.between("chat-fin", 1, 2), MEMBERS["chat-fin"][1]),
-        (s.at("chat-fin", 2), MEMBERS["chat-fin"][2]),
-        (s.between("chat-fin", 2, 3), MEMBERS["chat-fin"][2]),
-        (s.at("chat-fin", 3), MEMBERS["chat-fin"][3]),
+        ("chat-fin", s.at("chat-fin", 1), MEMBERS["chat-fin"][1]),
+        ("chat-fin", s.between("chat-fin", 1, 2), MEMBERS["chat-fin"][1]),
+        ("chat-fin", s.at("chat-fin", 2), MEMBERS["chat-fin"][2]),
+        ("chat-fin", s.between("chat-fin", 2, 3), MEMBERS["chat-fin"][2]),
+        ("chat-fin", s.at("chat-fin", 3), MEMBERS["chat-fin"][3]),
+        # Alice removed dan: he is out from DingTalk's time of it, before it was received.
+        ("chat-fin", s.after_event(0), MEMBERS["chat-fin"][5] - {"dan"}),
+        ("chat-fin", s.after_event(1), MEMBERS["chat-fin"][5]),
+        ("chat-fin", s.at("chat-fin", 6), MEMBERS["chat-fin"][6]),
+        ("chat-eng", s.after_event(2), MEMBERS["chat-eng"][5] | {"frank"}),
+        ("chat-eng", s.after_event(3), MEMBERS["chat-eng"][5]),
     ]
-    for as_of, expected in cases:
-        rows = run(engine, "members-at", chatid="chat-fin", as_of=as_of)
+    for chatid, as_of, expected in cases:
+        rows = run(engine, "members-at", chatid=chatid, as_of=as_of)
         assert [r[0] for r in rows] == sorted(expected)
-        report = reports.members(engine, "chat-fin", as_of=as_of, tz=UTC)
+        report = reports.members(engine, chatid, as_of=as_of, tz=UTC)
         assert [(u, since, bool(base)) for u, since, base in rows] == [
             (r["userid"], r["joined_at"], r["baseline"]) for r in report.rows
         ]
+    assert s.after_event(0) < s.event(0)["observed_at"]
+    dan = run(engine, "members-at", chatid="chat-fin", as_of=s.after_event(1))[-1]
+    assert dan == ("dan", s.occurred(1), False)
     before = run(
         engine,
         "members-at",
@@ -96,33 +106,140 @@ def check_current_members(s: Scenario, engine: Engine) -> None:
 
 def check_joins_and_leaves(s: Scenario, engine: Engine) -> None:
     rows = run(engine, "joins-and-leaves", since=s.at("chat-fin", 2), until=s.at("chat-fin", 3))
+    fin = ("chat-fin", "Finance & Controlling")
     assert rows == [
-        (s.at("chat-fin", 2), "chat-fin", "Finance & Controlling", "dan", "joined"),
-        (s.at("chat-fin", 2), "chat-fin", "Finance & Controlling", "carol", "left"),
+        (s.at("chat-fin", 2), *fin, "dan", "joined", "poll", None),
+        (s.at("chat-fin", 2), *fin, "carol", "left", "poll", None),
+    ]
+    # Selected by DingTalk's time: the window ends before the events were received.
+    events = run(engine, "joins-and-leaves", since=s.occurred(0), until=s.after_event(2))
+    assert events == [
+        (s.occurred(0), *fin, "dan", "left", "event", "alice"),
+        (s.occurred(1), *fin, "dan", "joined", "event", "alice"),
+        (s.occurred(2), "chat-eng", "Engineering", "frank", "joined", "event", "bob"),
     ]
 
 
 def check_all_changes(s: Scenario, engine: Engine) -> None:
     rows = run(engine, "all-changes", since=s.at("chat-fin", 2), until=s.at("chat-fin", 3))
-    assert [(r[1], r[3], r[4], r[5], r[6], r[7]) for r in rows] == [
-        ("chat-fin", "member_joined", "dan", None, None, None),
-        ("chat-fin", "member_left", "carol", None, None, None),
-        ("chat-eng", "attribute_changed", None, "owner_userid", "dave", "bob"),
+    assert [(r[1], r[3], r[4], r[5], r[6], r[7], r[8], r[9]) for r in rows] == [
+        ("chat-fin", "member_joined", "dan", None, None, None, "poll", None),
+        ("chat-fin", "member_left", "carol", None, None, None, "poll", None),
+        ("chat-eng", "attribute_changed", None, "owner_userid", "dave", "bob", "poll", None),
     ]
     later = run(engine, "all-changes", since=s.at("chat-fin", 3), until=s.at("chat-fin", 5))
     assert ("chat-old", "status", "1", "2") in [(r[1], r[5], r[6], r[7]) for r in later]
+    every = run(engine, "all-changes", since=s.at("chat-fin", 1), until=s.at("chat-fin", 6) + US)
+    report = reports.changes(engine, since=None, until=None, tz=UTC)
+    assert [(r[0], r[1], r[4], r[8], r[9]) for r in every] == [
+        (r["occurred_at"], r["chatid"], r["userid"], r["source"], r["operator_userid"])
+        for r in report.rows
+    ]
+
+
+def check_removed_by(s: Scenario, engine: Engine) -> None:
+    window = {"since": s.at("chat-fin", 1), "until": s.at("chat-fin", 6)}
+    assert run(engine, "removed-by", chatid="chat-fin", **window) == [
+        (s.at("chat-fin", 2), "carol", None, "seen by a sync"),
+        (s.at("chat-fin", 3), "bob", None, "seen by a sync"),
+        (s.occurred(0), "dan", "alice", "removed"),
+    ]
+    assert run(engine, "removed-by", chatid="chat-eng", **window) == [
+        (s.at("chat-eng", 5), "dave", None, "seen by a sync"),
+        (s.occurred(3), "frank", "frank", "quit"),
+    ]
+    # The window is half-open, by the time of the change.
+    assert run(
+        engine, "removed-by", chatid="chat-fin", since=s.at("chat-fin", 3), until=s.occurred(0)
+    ) == [(s.at("chat-fin", 3), "bob", None, "seen by a sync")]
+
+
+def check_changes_by_operator(s: Scenario, engine: Engine) -> None:
+    alice = run(engine, "changes-by-operator", operator="alice")
+    assert alice == [
+        (
+            s.occurred(0),
+            "chat-fin",
+            "Finance & Controlling",
+            "member_left",
+            "dan",
+            None,
+            None,
+            None,
+        ),
+        (
+            s.occurred(1),
+            "chat-fin",
+            "Finance & Controlling",
+            "member_joined",
+            "dan",
+            None,
+            None,
+            None,
+        ),
+    ]
+    for operator in ("alice", "bob", "frank", "dave"):
+        report = reports.changes(engine, since=None, until=None, operator=operator, tz=UTC)
+        assert [
+            (r[0], r[1], r[4]) for r in run(engine, "changes-by-operator", operator=operator)
+        ] == [(r["occurred_at"], r["chatid"], r["userid"]) for r in report.rows]
+    assert run(engine, "changes-by-operator", operator="gina") == []
+
+
+def check_events_by_operator(s: Scenario, engine: Engine) -> None:
+    assert [r[:4] for r in run(engine, "events-by-operator", operator="alice")] == [
+        (s.occurred(0), "chat_remove_member", "chat-fin", "recorded"),
+        (s.occurred(1), "chat_add_member", "chat-fin", "recorded"),
+    ]
+    # gina's event is about a chat nobody synced: in pushed_events only.
+    gina = next(p for p in s.pushed if p["operator_userid"] == "gina")
+    assert run(engine, "events-by-operator", operator="gina") == [
+        (gina["occurred_at"], "chat_add_member", "chat-new", "discovered", gina["event_id"])
+    ]
+
+
+def check_events_waiting(s: Scenario, engine: Engine) -> None:
+    gina = next(p for p in s.pushed if p["chatid"] == "chat-new")
+    assert run(engine, "events-waiting") == [
+        (
+            gina["received_at"],
+            gina["event_id"],
+            "chat_add_member",
+            "chat-new",
+            "gina",
+            "discovered",
+        )
+    ]
+    # Every event of a synced chat was reconciled by run 6, after it was received.
+    reconciled = [p for p in s.pushed if p["chatid"] != "chat-new"]
+    assert len(reconciled) == 4
+    assert all(p["received_at"] < p["reconciled_at"] for p in reconciled)
+
+
+def check_discovered_chats(s: Scenario, engine: Engine) -> None:
+    gina = next(p for p in s.pushed if p["chatid"] == "chat-new")
+    assert run(engine, "discovered-chats") == [
+        ("chat-new", gina["received_at"], "chat_add_member", "gina", None, None)
+    ]
 
 
 def check_user_groups(s: Scenario, engine: Engine) -> None:
     rows = run(engine, "user-groups", userid="carol")
+    fin = ("chat-fin", "Finance & Controlling", 1)
     assert [(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows] == [
-        ("chat-fin", "Finance & Controlling", 1, s.at("chat-fin", 1), True, s.at("chat-fin", 2)),
-        ("chat-fin", "Finance & Controlling", 1, s.at("chat-fin", 3), False, None),
+        (*fin, s.at("chat-fin", 1), True, s.at("chat-fin", 2)),
+        (*fin, s.at("chat-fin", 3), False, None),
     ]
-    report = reports.user(engine, "bob", tz=UTC)
-    assert [(r[0], r[3], r[5]) for r in run(engine, "user-groups", userid="bob")] == [
-        (r["chatid"], r["joined_at"], r["left_at"]) for r in report.rows
+    dan = run(engine, "user-groups", userid="dan")
+    assert [(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in dan] == [
+        (*fin, s.at("chat-fin", 2), False, s.occurred(0)),
+        (*fin, s.occurred(1), False, None),
     ]
+    for userid in ("bob", "dan", "frank"):
+        report = reports.user(engine, userid, tz=UTC)
+        assert [(r[0], r[3], r[5]) for r in run(engine, "user-groups", userid=userid)] == [
+            (r["chatid"], r["joined_at"], r["left_at"]) for r in report.rows
+        ]
 
 
 def check_dismissed_chats(s: Scenario, engine: Engine) -> None:
@@ -132,7 +249,9 @@ def check_dismissed_chats(s: Scenario, engine: Engine) -> None:
 
 
 def check_owner_history(s: Scenario, engine: Engine) -> None:
-    assert run(engine, "owner-history", chatid="chat-eng") == [(s.at("chat-eng", 2), "dave", "bob")]
+    assert run(engine, "owner-history", chatid="chat-eng") == [
+        (s.at("chat-eng", 2), "dave", "bob", None)
+    ]
 
 
 def check_risky_chats(s: Scenario, engine: Engine) -> None:
@@ -156,10 +275,11 @@ def check_latest_errors(s: Scenario, engine: Engine) -> None:
 
 
 def check_last_sync(s: Scenario, engine: Engine) -> None:
+    # chat-old failed in run 5; run 6, the reconcile, read chat-fin then chat-eng.
     assert run(engine, "last-sync") == [
         ("chat-old", "Old project", s.at("chat-old", 4)),
-        ("chat-fin", "Finance & Controlling", s.at("chat-fin", 5)),
-        ("chat-eng", "Engineering", s.at("chat-eng", 5)),
+        ("chat-fin", "Finance & Controlling", s.at("chat-fin", 6)),
+        ("chat-eng", "Engineering", s.at("chat-eng", 6)),
     ]
 
 
@@ -169,12 +289,17 @@ CHECKS: dict[str, Check] = {
     "current-members": check_current_members,
     "joins-and-leaves": check_joins_and_leaves,
     "all-changes": check_all_changes,
+    "removed-by": check_removed_by,
+    "changes-by-operator": check_changes_by_operator,
+    "events-by-operator": check_events_by_operator,
     "user-groups": check_user_groups,
     "dismissed-chats": check_dismissed_chats,
     "owner-history": check_owner_history,
     "risky-chats": check_risky_chats,
     "latest-errors": check_latest_errors,
     "last-sync": check_last_sync,
+    "events-waiting": check_events_waiting,
+    "discovered-chats": check_discovered_chats,
 }
 
 

@@ -68,27 +68,35 @@ def test_current_chat_members_is_owner_is_an_integer_everywhere(engine: Engine) 
 def test_membership_changes_matches_the_changes_report(scenario: Scenario, engine: Engine) -> None:
     rows = query(
         engine,
-        "SELECT observed_at, chatid, chat_name, userid, change_type, run_id, event_id "
-        "FROM membership_changes ORDER BY observed_at, event_id",
+        "SELECT occurred_at, observed_at, chatid, chat_name, userid, change_type, run_id, "
+        "source, operator_userid, event_id FROM membership_changes "
+        "ORDER BY occurred_at, event_id",
     )
     report = reports.changes(engine, since=None, until=None, tz=UTC)
 
-    assert [
-        (
+    def view(r: dict[str, Any], change: str) -> tuple[Any, ...]:
+        return (
+            as_utc(r["occurred_at"]),
             as_utc(r["observed_at"]),
             r["chatid"],
             r["chat_name"],
             r["userid"],
-            r["change_type"],
+            r[change],
             r["run_id"],
+            r["source"],
+            r["operator_userid"],
         )
-        for r in rows
-    ] == [
-        (r["observed_at"], r["chatid"], r["chat_name"], r["userid"], r["change"], r["run_id"])
-        for r in report.rows
-        if r["change"] in ("joined", "left")
+
+    assert [view(r, "change_type") for r in rows] == [
+        view(r, "change") for r in report.rows if r["change"] in ("joined", "left")
     ]
-    assert len(rows) == 5  # baseline members are not in the view
+    assert len(rows) == 9  # baseline members are not in the view
+    assert [(r["userid"], r["operator_userid"]) for r in rows if r["source"] == "event"] == [
+        ("dan", "alice"),
+        ("dan", "alice"),
+        ("frank", "bob"),
+        ("frank", "frank"),  # quit
+    ]
 
 
 def test_membership_changes_in_a_window_with_bound_times(
@@ -97,14 +105,18 @@ def test_membership_changes_in_a_window_with_bound_times(
     since = scenario.at("chat-fin", 3)
     with engine.connect() as conn:
         statement = text(
-            "SELECT chatid, userid, change_type FROM membership_changes "
-            "WHERE observed_at >= :since ORDER BY observed_at, event_id"
+            "SELECT chatid, userid, change_type, operator_userid FROM membership_changes "
+            "WHERE occurred_at >= :since ORDER BY occurred_at, event_id"
         ).bindparams(_utc_param("since"))
         rows = conn.execute(statement, {"since": since}).all()
     assert [tuple(r) for r in rows] == [
-        ("chat-fin", "carol", "joined"),
-        ("chat-fin", "bob", "left"),
-        ("chat-eng", "dave", "left"),
+        ("chat-fin", "carol", "joined", None),
+        ("chat-fin", "bob", "left", None),
+        ("chat-eng", "dave", "left", None),
+        ("chat-fin", "dan", "left", "alice"),
+        ("chat-fin", "dan", "joined", "alice"),
+        ("chat-eng", "frank", "joined", "bob"),
+        ("chat-eng", "frank", "left", "frank"),
     ]
 
 
