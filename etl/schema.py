@@ -167,6 +167,7 @@ chat_events = Table(
     Index("ix_chat_events_chatid_occurred_at", "chatid", "occurred_at"),
     Index("ix_chat_events_chatid_userid_occurred_at", "chatid", "userid", "occurred_at"),
     Index("ix_chat_events_event_id", "event_id"),
+    Index("ix_chat_events_occurred_at", "occurred_at"),
     Index("ix_chat_events_userid_observed_at", "userid", "observed_at"),
     Index("ix_chat_events_observed_at", "observed_at"),
     Index("ix_chat_events_run_id", "run_id"),

@@ -123,6 +123,8 @@ def upgrade() -> None:
         ["chatid", "userid", "occurred_at"],
     )
     op.create_index("ix_chat_events_event_id", "chat_events", ["event_id"])
+    # Reports select changes across all chats by the time they happened.
+    op.create_index("ix_chat_events_occurred_at", "chat_events", ["occurred_at"])
 
     op.create_table(
         "pushed_events",
@@ -178,6 +180,7 @@ def downgrade() -> None:
     op.drop_table("event_listeners")
     op.drop_table("discovered_chats")
     op.drop_table("pushed_events")
+    op.drop_index("ix_chat_events_occurred_at", table_name="chat_events")
     op.drop_index("ix_chat_events_event_id", table_name="chat_events")
     op.drop_index("ix_chat_events_chatid_userid_occurred_at", table_name="chat_events")
     op.drop_index("ix_chat_events_chatid_occurred_at", table_name="chat_events")
