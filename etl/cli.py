@@ -31,9 +31,9 @@ from etl.logs import configure_logging
 from etl.monitoring import monitored_sync, parse_duration, read_health
 from etl.output import plain, to_table, write_text_atomic
 from etl.report_html import FORMATS, render, render_audit
+from etl.runlog import RunLog
 from etl.scheduler import run_schedule
 from etl.simulator import Simulator, StreamGateway, World
-from etl.store import Store
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -205,7 +205,7 @@ def runs(obj: _Ctx, limit: int, as_json: bool) -> None:
         config = obj.load(need_api=False)
         with open_database(config) as engine:
             require_schema(engine, "reading runs")
-            rows = Store(engine).recent_runs(limit)
+            rows = RunLog(engine).recent_runs(limit)
     if as_json:
         click.echo(json.dumps([{k: plain(v) for k, v in row.items()} for row in rows], indent=2))
         return

@@ -4,7 +4,7 @@ Sits on top of ``etl.sync``: ``monitored_sync`` wraps one run for both ``dingtal
 each fire of ``dingtalk-etl schedule``, and ``read_health`` answers ``dingtalk-etl status``.
 Nothing here can change a run's outcome: a metrics file that cannot be written or a ping that
 fails is logged (``monitoring.metrics_failed``, ``monitoring.ping_failed``) and the run goes on.
-Knows files, HTTP (requests) and the store's read queries; takes no part in the command line.
+Knows files, HTTP (requests) and the run log's read queries; takes no part in the command line.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from etl.errors import (
     exit_code_for,
 )
 from etl.output import plain, write_text_atomic
-from etl.store import Store
+from etl.runlog import RunLog
 from etl.sync import RunResult, run_sync
 
 log = structlog.get_logger("etl.monitoring")
@@ -237,7 +237,7 @@ def _last_success(config: Config) -> dt.datetime | None:
     """When the last succeeded run finished (epoch 0 if never); None if the database cannot say."""
     try:
         with open_database(config) as engine:
-            row = Store(engine).latest_run(status="succeeded")
+            row = RunLog(engine).latest_run(status="succeeded")
     except EtlError:
         return None
     if row is None:
@@ -436,13 +436,13 @@ def read_health(
     """Read the run log. Raises ``SchemaNotMigrated`` and ``DatabaseFailure`` like the others."""
     with open_database(config) as engine:
         require_schema(engine, "reading runs")
-        store = Store(engine)
-        latest = store.latest_run()
-        last_run = store.latest_run(finished=True)
-        last_success = store.latest_run(status="succeeded")
+        runlog = RunLog(engine)
+        latest = runlog.latest_run()
+        last_run = runlog.latest_run(finished=True)
+        last_success = runlog.latest_run(status="succeeded")
         failing: list[dict[str, Any]] = []
         if last_run is not None:
-            failing = [i for i in store.run_items(last_run["id"]) if i["status"] == "failed"]
+            failing = [i for i in runlog.run_items(last_run["id"]) if i["status"] == "failed"]
     running = latest if latest is not None and latest["status"] == "running" else None
     return Health(
         checked_at=now or utcnow(),

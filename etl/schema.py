@@ -1,4 +1,4 @@
-"""Table definitions (SQLAlchemy Core) that the store queries.
+"""Table definitions (SQLAlchemy Core) that the chat writer, run log and reports query.
 
 The schema itself is created by the Alembic revisions in ``migrations/``; a test checks that
 these definitions and the migrated database agree. Knows SQL types only.

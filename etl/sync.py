@@ -29,6 +29,7 @@ from etl.dingtalk import CallCounter, DingTalkClient, Pacer
 from etl.errors import ChatError, EtlError, ExitCode, FatalError, RunInterrupted
 from etl.lock import OwnedLock, run_lock
 from etl.normalize import ChatRecord, normalize_chat
+from etl.runlog import RunLog
 from etl.store import ChatOutcome, Store
 
 log = structlog.get_logger("etl.sync")
@@ -162,7 +163,7 @@ class _Run:
 
     def execute(self) -> RunResult:
         started = time.monotonic()
-        run_id, abandoned = self.store.start_run(
+        run_id, abandoned = RunLog(self.store.engine).start_run(
             self.result.trigger, len(self.chatids), now=utcnow()
         )
         self.result.run_id = run_id
@@ -383,7 +384,7 @@ class _Run:
             result.status = "succeeded"
         assert result.run_id is not None
         try:
-            self.store.finish_run(
+            RunLog(self.store.engine).finish_run(
                 result.run_id,
                 {
                     "finished_at": utcnow(),

@@ -1,0 +1,134 @@
+"""The change planner: a chat's stored state and its fetched record -> the rows to write.
+
+Pure: plain values in, plain values out, no SQL and no driver types. ``plan_chat`` decides
+what a successful fetch changes under the contract's rules: the ``chats`` row, the member
+rows to insert, re-open or close, and the ``chat_events`` that record why. The stored state
+is given as plain data (``StoredChat``), so it may come from the tables or from a replay of
+a chat's log alike.
+
+It runs on the writer's hot path (chats of 10,000 members, batches of 2,000 chats): the work
+per member is a set operation and a plain tuple, nothing more.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from etl.normalize import ATTRIBUTE_FIELDS, STATUS_DISMISSED, AttrValue, ChatRecord
+
+# A ``chat_events`` row's own values, in this order:
+# (event_type, userid, field, old_value, new_value, is_baseline).
+# A plain tuple, not a class: a new chat has one per member.
+Event = tuple[str, str | None, str | None, str | None, str | None, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredChat:
+    """What is known of a chat before this fetch.
+
+    ``members`` maps every userid ever seen in the chat to its ``left_at`` (None while a
+    member). It is only consulted when the fetched record lists members, so a reader may
+    leave it empty for a record without a member list.
+    """
+
+    attributes: Mapping[str, AttrValue]
+    member_count: int
+    first_seen_at: dt.datetime
+    last_changed_at: dt.datetime
+    dismissed_at: dt.datetime | None
+    members: Mapping[str, dt.datetime | None]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatPlan:
+    """A fetched chat's writes, all at ``observed_at``.
+
+    ``chat_row`` is the ``chats`` row, by column name. ``new_members`` get a
+    ``chat_members`` row joined at ``observed_at``; ``rejoined`` former members have theirs
+    re-opened (``joined_at`` reset, ``left_at`` cleared); ``left`` members have theirs
+    closed. The userid lists are sorted, and ``events`` are in the order they are recorded.
+    """
+
+    chatid: str
+    observed_at: dt.datetime
+    chat_row: dict[str, Any]
+    new_members: Sequence[str]
+    rejoined: Sequence[str]
+    left: Sequence[str]
+    events: Sequence[Event]
+
+    @property
+    def changed(self) -> bool:
+        """Whether the fetch changed anything the contract records: it wrote an event."""
+        return bool(self.events)
+
+
+def attr_text(value: AttrValue) -> str | None:
+    """The contract's text form of an attribute value (integers in decimal)."""
+    return None if value is None else str(value)
+
+
+def plan_chat(record: ChatRecord, stored: StoredChat | None, now: dt.datetime) -> ChatPlan:
+    """The writes of ``record``, fetched at ``now``; ``stored`` is None for a new chat."""
+    if stored is None:
+        return _discovered(record, now)
+    old, new = stored.attributes, record.attributes
+    events: list[Event] = [
+        ("attribute_changed", None, name, attr_text(old[name]), attr_text(new[name]), False)
+        for name in ATTRIBUTE_FIELDS
+        if old[name] != new[name]
+    ]
+    joined: list[str] = []
+    left: list[str] = []
+    member_count = stored.member_count
+    # No member list (a dismissed chat's empty one): the membership stays as last observed.
+    if record.members is not None:
+        current = {userid for userid, left_at in stored.members.items() if left_at is None}
+        joined = sorted(record.members - current)
+        left = sorted(current - record.members)
+        member_count = len(record.members)
+    # Not a current member, so a known one is a former member: its row is re-opened.
+    rejoined = [userid for userid in joined if userid in stored.members]
+    new_members = [userid for userid in joined if userid not in stored.members]
+    events.extend(("member_joined", u, None, None, None, False) for u in joined)
+    events.extend(("member_left", u, None, None, None, False) for u in left)
+    # Kept from the first observation of status 2; cleared if the chat is ever restored.
+    dismissed = record.status == STATUS_DISMISSED
+    dismissed_at = (stored.dismissed_at or now) if dismissed else None
+    changed_at = now if events else stored.last_changed_at
+    chat = _chat_row(record, member_count, stored.first_seen_at, now, changed_at, dismissed_at)
+    return ChatPlan(record.chatid, now, chat, new_members, rejoined, left, events)
+
+
+def _discovered(record: ChatRecord, now: dt.datetime) -> ChatPlan:
+    """A chat's first successful fetch: its members are the baseline."""
+    members = sorted(record.members or ())
+    events: list[Event] = [("chat_discovered", None, None, None, None, False)]
+    events.extend(("member_joined", u, None, None, None, True) for u in members)
+    dismissed_at = now if record.status == STATUS_DISMISSED else None
+    chat = _chat_row(record, len(members), now, now, now, dismissed_at)
+    return ChatPlan(record.chatid, now, chat, members, [], [], events)
+
+
+def _chat_row(
+    record: ChatRecord,
+    member_count: int,
+    first_seen_at: dt.datetime,
+    now: dt.datetime,
+    last_changed_at: dt.datetime,
+    dismissed_at: dt.datetime | None,
+) -> dict[str, Any]:
+    return {
+        "chatid": record.chatid,
+        **record.attributes,
+        "member_count": member_count,
+        "first_seen_at": first_seen_at,
+        "last_synced_at": now,
+        "last_changed_at": last_changed_at,
+        "dismissed_at": dismissed_at,
+        "raw": dict(record.raw),
+        "fingerprint": record.fingerprint,
+    }
