@@ -354,7 +354,7 @@ class DingTalkClient:
                 token = self.tokens.get()
                 try:
                     return self._request(
-                        CHAT_GET, {"access_token": token, "chatid": chatid}, counter, chatid
+                        CHAT_GET, {"access_token": token, "chatid": chatid}, counter
                     )
                 except TokenError as exc:
                     if refreshed:
@@ -391,7 +391,7 @@ class DingTalkClient:
 
         def attempt() -> dict[str, Any]:
             params = {"appkey": self._app_key, "appsecret": self._app_secret}
-            return self._request(GETTOKEN, params, counter, None)
+            return self._request(GETTOKEN, params, counter)
 
         try:
             body = self._call(GETTOKEN, attempt, chatid=None)
@@ -476,11 +476,7 @@ class DingTalkClient:
         return session
 
     def _request(
-        self,
-        endpoint: str,
-        params: dict[str, str],
-        counter: CallCounter,
-        chatid: str | None,
+        self, endpoint: str, params: dict[str, str], counter: CallCounter
     ) -> dict[str, Any]:
         url = f"{self._base}/{endpoint}"
         try:
