@@ -41,6 +41,8 @@ WRITE_LINGER_SECONDS: Final = 0.2
 # while the writer writes a batch of half as many. Big batches matter: every statement makes
 # the writer give up the interpreter lock and wait for it behind busy fetch workers.
 WINDOW_PER_WORKER: Final = 16
+# Failed chats a summary names one by one; cron mails and health pings stay readable.
+FAILURES_SHOWN: Final = 20
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,13 @@ class RunResult:
         if self.error:
             line += f"; error: {self.error}"
         return line
+
+    def failure_lines(self, limit: int = FAILURES_SHOWN) -> list[str]:
+        """The first ``limit`` failed chats, a line each, then how many more there are."""
+        lines = [f"failed {f.chatid}: {f.error}" for f in self.failures[:limit]]
+        if len(self.failures) > limit:
+            lines.append(f"... and {len(self.failures) - limit} more failed chats")
+        return lines
 
 
 @dataclass
