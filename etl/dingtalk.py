@@ -285,6 +285,7 @@ class TokenCache:
                 try:
                     token, expires_in = self._fetch()
                 except FatalError as exc:
+                    # A stop (RunInterrupted) is no answer about the app: it is not kept.
                     self._failure = exc
                     raise
                 # Refresh a little early (DingTalk asks for it): 10% of the lifetime, <= 5 min.

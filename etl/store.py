@@ -69,6 +69,7 @@ class ChatOutcome:
     record: ChatRecord | None = None
     errcode: int | None = None
     error: str | None = None
+    http_status: int | None = None
 
 
 def _describe_chats(chatids: Sequence[str]) -> str:
