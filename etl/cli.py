@@ -178,10 +178,8 @@ def sync(obj: _Ctx, chatids: tuple[str, ...], migrate: bool) -> None:
     if result.exit_code == ExitCode.FAILED:
         # cron mails stderr: the reason must be there, not only in the summary line.
         click.echo(f"dingtalk-etl: error: run failed: {result.error}", err=True)
-    for failure in result.failures[:20]:
-        click.echo(f"  failed {failure.chatid}: {failure.error}", err=True)
-    if len(result.failures) > 20:
-        click.echo(f"  ... and {len(result.failures) - 20} more failed chats", err=True)
+    for line in result.failure_lines():
+        click.echo(f"  {line}", err=True)
     sys.exit(result.exit_code)
 
 

@@ -298,6 +298,7 @@ class TokenCache:
                 try:
                     token, expires_in = self._fetch()
                 except FatalError as exc:
+                    # A stop (RunInterrupted) is no answer about the app: it is not kept.
                     self._failure = exc
                     raise
                 # Refresh a little early (DingTalk asks for it): 10% of the lifetime, <= 5 min.
@@ -367,7 +368,7 @@ class DingTalkClient:
                 token = self.tokens.get()
                 try:
                     return self._request(
-                        CHAT_GET, {"access_token": token, "chatid": chatid}, counter, chatid
+                        CHAT_GET, {"access_token": token, "chatid": chatid}, counter
                     )
                 except TokenError as exc:
                     if refreshed:
@@ -404,7 +405,7 @@ class DingTalkClient:
 
         def attempt() -> dict[str, Any]:
             params = {"appkey": self._app_key, "appsecret": self._app_secret}
-            return self._request(GETTOKEN, params, counter, None)
+            return self._request(GETTOKEN, params, counter)
 
         try:
             body = self._call(GETTOKEN, attempt, chatid=None)
@@ -489,11 +490,7 @@ class DingTalkClient:
         return session
 
     def _request(
-        self,
-        endpoint: str,
-        params: dict[str, str],
-        counter: CallCounter,
-        chatid: str | None,
+        self, endpoint: str, params: dict[str, str], counter: CallCounter
     ) -> dict[str, Any]:
         url = f"{self._base}/{endpoint}"
         try:

@@ -14,14 +14,19 @@ Bottom layer: imports nothing from the rest of the package except ``etl.redact``
     ├── RequestFailed             this request cannot succeed; the caller says whose failure
     ├── ChatError                 record on the chat's run item, go on with the others
     │   └── PayloadError          chat_info failed validation (names the field)
-    └── FatalError                stop the run, call no more APIs           exit 3
-        ├── FatalApiError         43007, 70001, 40089, 90020, token refused twice, no token
-        ├── DatabaseFailure       the database failed or is unreachable
-        └── RunInterrupted        SIGTERM/SIGINT or the run's time budget ran out
+    ├── FatalError                stop the run, call no more APIs           exit 3
+    │   ├── FatalApiError         43007, 70001, 40089, 90020, token refused twice, no token
+    │   └── DatabaseFailure       the database failed or is unreachable
+    │       └── LockLost          the sync lock went with its database session
+    └── RunInterrupted            a stop signal, not an error: SIGTERM/SIGINT or the time budget
 
 ``ApiError`` is a mix-in carrying ``errcode`` and ``http_status`` for the API-facing classes.
 Transient errors that exhaust ``max_attempts`` become ``RequestFailed``, which the client turns
 into a ``ChatError`` for chat/get and a ``FatalApiError`` for gettoken.
+
+``RunInterrupted`` is how a stopped run unwinds a worker that was waiting to call the API
+(the pacer, a retry pause). The run then ends on its stop reason: ``partial`` if some chats
+synced, else ``failed``; a scheduler's run stopped by SIGTERM is no failure of the scheduler.
 
 Exit codes are the contract's, in ``ExitCode``; an error's code is its class's ``exit_code``,
 and ``exit_code_for`` is the one mapping from any exception to a code.
@@ -175,5 +180,9 @@ class DatabaseFailure(FatalError):
     """The database failed; the chat in hand was rolled back."""
 
 
-class RunInterrupted(FatalError):
-    """The run was asked to stop (signal or time budget)."""
+class LockLost(DatabaseFailure):
+    """The sync lock ended with its database session while the run went on."""
+
+
+class RunInterrupted(EtlError):
+    """The run was asked to stop (signal or time budget): a stop, not a failure."""

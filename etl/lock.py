@@ -21,7 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from etl.errors import DatabaseFailure, LockBusy
+from etl.errors import LockBusy, LockLost
 
 _NAME = "dingtalk-etl sync"
 # pg advisory locks take a signed 64-bit key; derive a fixed one from the lock's name.
@@ -44,7 +44,7 @@ def _held(what: str) -> LockBusy:
 
 
 class OwnedLock:
-    """The sync lock while it is held; ``verify`` raises ``DatabaseFailure`` once it is gone."""
+    """The sync lock while it is held; ``verify`` raises ``LockLost`` once it is gone."""
 
     def __init__(self, still_held: Callable[[], bool] | None = None) -> None:
         # None: a file lock, which only ends with the process holding it.
@@ -63,7 +63,7 @@ class OwnedLock:
             if held:
                 return
             reason = "its database session was replaced"
-        raise DatabaseFailure(
+        raise LockLost(
             f"lost the sync lock: {reason}; stopped so that no other sync writes at the same time"
         )
 

@@ -373,10 +373,7 @@ def monitored_sync(
 
 def ping_body(result: RunResult) -> str:
     """The summary line and the first failed chats, for the healthcheck's event log."""
-    lines = [f"exit {result.exit_code}: {result.summary()}"]
-    lines += [f"failed {f.chatid}: {f.error}" for f in result.failures[:20]]
-    if len(result.failures) > 20:
-        lines.append(f"... and {len(result.failures) - 20} more failed chats")
+    lines = [f"exit {result.exit_code}: {result.summary()}", *result.failure_lines()]
     return "\n".join(lines) + "\n"
 
 

@@ -41,6 +41,7 @@ class ChatOutcome:
     record: ChatRecord | None = None
     errcode: int | None = None
     error: str | None = None
+    http_status: int | None = None
 
 
 # Built once: constructing a statement costs SQLAlchemy more than running a cached one, and

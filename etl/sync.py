@@ -1,47 +1,49 @@
-"""One sync run: lock, run row, concurrent fetches, a single writer, the run's outcome.
+"""One sync run, read top to bottom: lock, run row, fetch stage -> writer stage -> outcome.
+
+``run_sync`` opens the database, checks the schema and takes the lock; ``_run`` starts the
+run's row, lets the fetch stage (``etl.fetch``: worker threads read and normalize chats) hand
+its batches to the writer stage (``WriterStage``: one transaction per batch, counted on the
+``RunResult``), asks the run's ``RunStop`` (``etl.stop``) why it stopped early, if it did,
+and records the outcome. ``RunRecorder`` is the one place that touches the run's row.
 
 Orchestrates the lower layers (client, normalize, store, lock, migrate) and knows none of
-their internals. Fetch workers (``[sync] concurrency``) call the API and normalize; this
-thread writes what they fetched in batches (one transaction for the chats it has in hand), so
-fetching and writing overlap and at most ``16 x concurrency`` fetched chats wait in memory
-whatever the number of chats. A fatal error stops new calls at once.
+their internals.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import datetime as dt
-import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Final
 
 import structlog
+from sqlalchemy import Engine
 
 from etl import migrate
 from etl.config import Config
 from etl.db import database_errors, open_database, utcnow
-from etl.dingtalk import CallCounter, DingTalkClient, Pacer
-from etl.errors import ChatError, EtlError, ExitCode, FatalError, RunInterrupted
+from etl.dingtalk import DingTalkClient, Pacer
+from etl.errors import EtlError, ExitCode, FatalError, LockBusy
+from etl.eventstore import EventStore
+from etl.fetch import FetchStage
 from etl.lock import OwnedLock, run_lock
-from etl.normalize import ChatRecord, normalize_chat
 from etl.runlog import RunLog
+from etl.stop import RunStop, StopReason
 from etl.store import ChatOutcome, Store
 
 log = structlog.get_logger("etl.sync")
 
+# A reconcile waits this long for a sync that holds the lock, trying every LOCK_POLL_SECONDS.
+RECONCILE_LOCK_WAIT_SECONDS: Final = 60.0
+LOCK_POLL_SECONDS: Final = 0.25
 # How often the writer confirms it still holds the sync lock (one cheap query each time).
 LOCK_CHECK_SECONDS: Final = 1.0
-# How long the writer waits for more fetched chats to share one transaction with.
-WRITE_LINGER_SECONDS: Final = 0.2
-# Chats in flight or fetched and waiting, per worker: enough that the workers keep fetching
-# while the writer writes a batch of half as many. Big batches matter: every statement makes
-# the writer give up the interpreter lock and wait for it behind busy fetch workers.
-WINDOW_PER_WORKER: Final = 16
+# Failed chats a summary names one by one; cron mails and health pings stay readable.
+FAILURES_SHOWN: Final = 20
 
 
 @dataclass(frozen=True)
@@ -87,15 +89,12 @@ class RunResult:
             line += f"; error: {self.error}"
         return line
 
-
-@dataclass
-class _Fetched:
-    chatid: str
-    attempts: int
-    duration_ms: int
-    observed_at: dt.datetime
-    record: ChatRecord | None = None
-    error: ChatError | None = None
+    def failure_lines(self, limit: int = FAILURES_SHOWN) -> list[str]:
+        """The first ``limit`` failed chats, a line each, then how many more there are."""
+        lines = [f"failed {f.chatid}: {f.error}" for f in self.failures[:limit]]
+        if len(self.failures) > limit:
+            lines.append(f"... and {len(self.failures) - limit} more failed chats")
+        return lines
 
 
 def run_sync(
@@ -111,280 +110,173 @@ def run_sync(
     Raises ``ConfigError`` (schema not migrated), ``LockBusy`` and ``DatabaseFailure`` before a
     run row exists; once the run has started, problems are recorded on it and returned.
     """
-    wanted = tuple(dict.fromkeys(chatids)) if chatids else config.chatids
     with open_database(config) as engine:
         with database_errors("connecting to the database"):
             if migrate_schema:
                 migrate.upgrade(engine)
             else:
                 migrate.check_schema(engine)
+        wanted = tuple(dict.fromkeys(chatids)) if chatids else synced_chatids(config, engine)
         with (
             database_errors("taking the sync lock"),
             run_lock(engine) as lock,
             Store(engine) as store,
         ):
-            return _Run(config, store, wanted, trigger, stop, lock).execute()
+            return _run(config, store, lock, wanted, trigger, stop)
 
 
-class _Run:
-    def __init__(
-        self,
-        config: Config,
-        store: Store,
-        chatids: tuple[str, ...],
-        trigger: str,
-        stop: threading.Event | None,
-        lock: OwnedLock | None = None,
-    ) -> None:
-        self.config = config
-        self.store = store
-        self.lock = lock or OwnedLock()
-        self.lock_checked = time.monotonic()
-        self.chatids = chatids
-        self.external_stop = stop or threading.Event()
-        # Set by us on a fatal error, or relayed from the caller's stop (signal).
-        self.halt = threading.Event()
-        # The reason, once the [sync] run_budget_seconds has run out.
-        self.out_of_time: str | None = None
-        self.result = RunResult(
-            run_id=None, status="running", trigger=trigger, chats_total=len(chatids)
-        )
-        settings = config.dingtalk
-        self.pacer = Pacer(settings.max_requests_per_second, stop=self.halt)
-        self.client = DingTalkClient(
-            settings.base_url,
-            config.app_key,
-            config.app_secret,
-            pacer=self.pacer,
-            timeout=settings.timeout_seconds,
-            max_attempts=settings.max_attempts,
-            max_response_bytes=settings.max_response_bytes,
-        )
+def _run(
+    config: Config,
+    store: Store,
+    lock: OwnedLock,
+    chatids: tuple[str, ...],
+    trigger: str,
+    signal: threading.Event | None,
+) -> RunResult:
+    """One run, the lock held: its row, fetch stage -> writer stage, why it stopped, outcome."""
+    started = time.monotonic()
+    recorder = RunRecorder(RunLog(store.engine))
+    run_id, abandoned = recorder.start(trigger, len(chatids))
+    result = RunResult(run_id=run_id, status="running", trigger=trigger, chats_total=len(chatids))
+    with structlog.contextvars.bound_contextvars(run_id=run_id):
+        if abandoned:
+            log.warning("run.abandoned_marked", count=abandoned)
+        concurrency = config.sync.concurrency
+        log.info("run.started", trigger=trigger, chats_total=len(chatids), concurrency=concurrency)
+        stop = RunStop(signal, config.sync.run_budget_seconds)
+        with _client(config, stop.halt) as client:
+            fetch = FetchStage(client, chatids, concurrency, stop)
+            writer = WriterStage(store, lock, result)
+            with stop.watching():
+                _fetch_and_write(fetch, writer, stop)
+            reason = _stop_reason(stop, writer, result)
+            _settle(result, reason, client, started)
+        recorder.finish(result)
+        return result
 
-    def execute(self) -> RunResult:
-        started = time.monotonic()
-        run_id, abandoned = RunLog(self.store.engine).start_run(
-            self.result.trigger, len(self.chatids), now=utcnow()
-        )
-        self.result.run_id = run_id
-        tokens = structlog.contextvars.bind_contextvars(run_id=run_id)
-        try:
-            if abandoned:
-                log.warning("run.abandoned_marked", count=abandoned)
-            log.info(
-                "run.started",
-                trigger=self.result.trigger,
-                chats_total=len(self.chatids),
-                concurrency=self.config.sync.concurrency,
-            )
-            fatal = self._fetch_and_write()
-            if fatal is None:
-                try:
-                    self.lock.verify()  # the last writes may be younger than the last check
-                except FatalError as exc:
-                    fatal = exc
-            self._finish(fatal, started)
-            return self.result
-        finally:
-            self.client.close()
-            structlog.contextvars.reset_contextvars(**tokens)
 
-    # -- the pipeline ------------------------------------------------------------------------
+def _fetch_and_write(fetch: FetchStage, writer: WriterStage, stop: RunStop) -> None:
+    """Hand each batch the fetch stage yields to the writer until the chats or the run end."""
+    with contextlib.closing(fetch.batches()) as batches:
+        _write(batches, writer, stop)
 
-    def _fetch_and_write(self) -> FatalError | None:
-        watcher = threading.Thread(target=self._relay_stop, daemon=True)
-        watcher.start()
-        fatal: FatalError | None = None
-        concurrency = self.config.sync.concurrency
-        pending: set[Future[_Fetched]] = set()
-        todo = iter(self.chatids)
-        with ThreadPoolExecutor(concurrency, thread_name_prefix="fetch") as pool:
-            try:
-                window = concurrency * WINDOW_PER_WORKER
-                batch_size = window // 2
-                for batch in self._completed(pool, todo, pending, window, batch_size):
-                    ready: list[_Fetched] = []
-                    for done in batch:
-                        try:
-                            fetched = done.result()
-                        except FatalError as exc:
-                            # Workers stopped by the halt report RunInterrupted; keep the cause.
-                            if fatal is None or isinstance(fatal, RunInterrupted):
-                                fatal = exc
-                            self.halt.set()
-                            continue
-                        if fatal is not None and fetched.record is None:
-                            continue
-                        ready.append(fetched)
-                    if ready:
-                        self._write(ready)
-            except FatalError as exc:  # a database failure while writing
-                fatal = exc
-                self.halt.set()
-            finally:
-                for future in pending:
-                    future.cancel()
-        self.halt.set()
-        watcher.join(timeout=1)
-        if self.external_stop.is_set() and (fatal is None or isinstance(fatal, RunInterrupted)):
-            # Workers report where they noticed the stop; the run's reason is the stop itself.
-            fatal = RunInterrupted("interrupted")
-        elif self.out_of_time is not None and (fatal is None or isinstance(fatal, RunInterrupted)):
-            finished = self.result.chats_succeeded + self.result.chats_failed
-            # The budget may run out while the last chat is written: that is no reason.
-            if finished < len(self.chatids):
-                fatal = RunInterrupted(self.out_of_time)
-        return fatal
 
-    def _completed(
-        self,
-        pool: ThreadPoolExecutor,
-        todo: Iterator[str],
-        pending: set[Future[_Fetched]],
-        window: int,
-        batch_size: int,
-    ) -> Iterator[list[Future[_Fetched]]]:
-        """Keep fetches in flight; yield the completed ones in batches for the writer.
+def _write(batches: Iterable[list[ChatOutcome]], writer: WriterStage, stop: RunStop) -> None:
+    try:
+        for batch in batches:
+            writer.write(batch)
+    except FatalError as exc:  # the database failed, or the lock was lost, while writing
+        # Before the fetch stage closes: its workers must stop rather than finish.
+        stop.write_failed(exc)
 
-        A batch is what completes within ``WRITE_LINGER_SECONDS`` of its first fetch, at most
-        ``batch_size``: the writer commits a batch in one transaction, which costs about what
-        one chat's did. Fetches in flight plus fetched chats waiting stay within ``window``.
-        """
-        # Completed fetches arrive through a queue: wait() would scan every pending future
-        # for each completion.
-        completed: queue.SimpleQueue[Future[_Fetched]] = queue.SimpleQueue()
-        batch: list[Future[_Fetched]] = []
-        deadline = 0.0
-        while True:
-            while len(pending) + len(batch) < window and not self.halt.is_set():
-                chatid = next(todo, None)
-                if chatid is None:
-                    break
-                # Each task gets its own copy: one Context cannot run in two threads at once.
-                ctx = contextvars.copy_context()
-                future = pool.submit(ctx.run, self._fetch, chatid)
-                pending.add(future)
-                future.add_done_callback(completed.put)
-            if not pending:
-                if batch:
-                    yield batch
-                return
-            timeout = max(0.0, deadline - time.monotonic()) if batch else None
-            done: list[Future[_Fetched]] = []
-            with contextlib.suppress(queue.Empty):
-                done.append(completed.get(timeout=timeout))
-                while True:
-                    done.append(completed.get_nowait())
-            for future in done:
-                pending.discard(future)
-                if not future.cancelled():
-                    if not batch:
-                        deadline = time.monotonic() + WRITE_LINGER_SECONDS
-                    batch.append(future)
-            if batch and (
-                len(batch) >= batch_size or time.monotonic() >= deadline or self.halt.is_set()
-            ):
-                yield batch
-                batch = []
 
-    def _fetch(self, chatid: str) -> _Fetched:
-        counter = CallCounter()
-        started = time.monotonic()
-        record: ChatRecord | None = None
-        error: ChatError | None = None
-        try:
-            chat_info = self.client.get_chat(chatid, counter)
-            record = normalize_chat(chatid, chat_info)
-        except ChatError as exc:
-            error = exc
-        except FatalError:
-            # Stop the other workers before they start another request, not when the
-            # writer gets round to reading this result.
-            self.halt.set()
-            raise
-        return _Fetched(
-            chatid=chatid,
-            attempts=counter.attempts,
-            duration_ms=int((time.monotonic() - started) * 1000),
-            observed_at=utcnow(),
-            record=record,
-            error=error,
-        )
+def _stop_reason(stop: RunStop, writer: WriterStage, result: RunResult) -> StopReason | None:
+    """Why the run stopped early; else, whether the lock was lost after the last check."""
+    finished = result.chats_succeeded + result.chats_failed
+    reason = stop.reason(unfinished=finished < result.chats_total)
+    if reason is not None:
+        return reason
+    try:
+        writer.verify_lock()  # the last writes may be younger than the last check
+    except FatalError as exc:
+        return StopReason.of(exc)
+    return None
 
-    def _write(self, ready: list[_Fetched]) -> None:
-        run_id = self.result.run_id
-        assert run_id is not None
-        if time.monotonic() - self.lock_checked >= LOCK_CHECK_SECONDS:
-            # A server-side lock ends with its session, which can die while we go on.
-            self.lock.verify()
-            self.lock_checked = time.monotonic()
-        outcomes = [
-            ChatOutcome(
-                fetched.chatid,
-                fetched.observed_at,
-                fetched.attempts,
-                fetched.duration_ms,
-                fetched.record,
-                fetched.error.errcode if fetched.error is not None else None,
-                fetched.error.message if fetched.error is not None else None,
-            )
-            for fetched in ready
-        ]
-        changes = self.store.write_chats(run_id, outcomes)
-        for fetched, changed in zip(ready, changes, strict=True):
-            if fetched.record is not None:
-                self.result.chats_succeeded += 1
-                self.result.chats_changed += int(changed)
+
+def _settle(
+    result: RunResult, reason: StopReason | None, client: DingTalkClient, started: float
+) -> None:
+    """The run's outcome: an interrupted run keeps what it synced, a fatal error fails it."""
+    result.api_calls = client.api_calls
+    result.retries = client.retries
+    result.duration_seconds = time.monotonic() - started
+    if reason is None:
+        result.status = "partial" if result.chats_failed else "succeeded"
+        return
+    result.status = "partial" if reason.interrupted and result.chats_succeeded else "failed"
+    result.error = reason.message
+
+
+@contextmanager
+def _client(config: Config, halt: threading.Event) -> Iterator[DingTalkClient]:
+    """The run's DingTalk client, paced; ``halt`` stops its waits for a slot or a retry."""
+    settings = config.dingtalk
+    client = DingTalkClient(
+        settings.base_url,
+        config.app_key,
+        config.app_secret,
+        pacer=Pacer(settings.max_requests_per_second, stop=halt),
+        timeout=settings.timeout_seconds,
+        max_attempts=settings.max_attempts,
+        max_response_bytes=settings.max_response_bytes,
+    )
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+class WriterStage:
+    """Writes the fetched chats, one transaction per batch, and counts them on the result.
+
+    Before a batch, at most once per ``LOCK_CHECK_SECONDS``, it confirms the run still holds
+    the sync lock: a server-side lock ends with its session, which can die while we go on.
+    """
+
+    def __init__(self, store: Store, lock: OwnedLock, result: RunResult) -> None:
+        assert result.run_id is not None
+        self._run_id = result.run_id
+        self._store = store
+        self._lock = lock
+        self._lock_checked = time.monotonic()
+        self._result = result
+
+    def write(self, batch: list[ChatOutcome]) -> None:
+        """Write ``batch``; raise ``FatalError`` if the database fails or the lock is gone."""
+        if time.monotonic() - self._lock_checked >= LOCK_CHECK_SECONDS:
+            self.verify_lock()
+        changes = self._store.write_chats(self._run_id, batch)
+        for outcome, changed in zip(batch, changes, strict=True):
+            if outcome.record is not None:
+                self._result.chats_succeeded += 1
+                self._result.chats_changed += int(changed)
             else:
-                self._failed(fetched)
+                self._failed(outcome)
 
-    def _failed(self, fetched: _Fetched) -> None:
-        assert fetched.error is not None
-        error = fetched.error
-        self.result.chats_failed += 1
-        self.result.failures.append(ChatFailure(fetched.chatid, error.errcode, error.message))
+    def verify_lock(self) -> None:
+        self._lock.verify()
+        self._lock_checked = time.monotonic()
+
+    def _failed(self, outcome: ChatOutcome) -> None:
+        assert outcome.error is not None
+        self._result.chats_failed += 1
+        failure = ChatFailure(outcome.chatid, outcome.errcode, outcome.error)
+        self._result.failures.append(failure)
         log.warning(
             "chat.failed",
-            chatid=fetched.chatid,
-            errcode=error.errcode,
-            http_status=error.http_status,
-            attempts=fetched.attempts,
-            error=error.message,
+            chatid=outcome.chatid,
+            errcode=outcome.errcode,
+            http_status=outcome.http_status,
+            attempts=outcome.attempts,
+            error=outcome.error,
         )
 
-    def _relay_stop(self) -> None:
-        budget = self.config.sync.run_budget_seconds
-        deadline = None if budget is None else time.monotonic() + budget
-        while not self.halt.is_set():
-            if self.external_stop.wait(0.1):
-                log.warning("run.stopping", reason="interrupted")
-                self.halt.set()
-                return
-            if deadline is not None and time.monotonic() >= deadline:
-                # Same path as a signal: no new chat starts, the ones in hand are written.
-                self.out_of_time = f"time budget of {budget:g} s exceeded"
-                log.warning("run.stopping", reason=self.out_of_time)
-                self.halt.set()
-                return
 
-    # -- the end -------------------------------------------------------------------------------
+class RunRecorder:
+    """The run's row in ``sync_runs``: the one place that starts and finishes it."""
 
-    def _finish(self, fatal: FatalError | None, started: float) -> None:
-        result = self.result
-        result.api_calls = self.client.api_calls
-        result.retries = self.client.retries
-        result.duration_seconds = time.monotonic() - started
-        if fatal is not None:
-            interrupted = isinstance(fatal, RunInterrupted)
-            result.status = "partial" if interrupted and result.chats_succeeded else "failed"
-            result.error = fatal.message
-        elif result.chats_failed:
-            result.status = "partial"
-        else:
-            result.status = "succeeded"
+    def __init__(self, runlog: RunLog) -> None:
+        self._runlog = runlog
+
+    def start(self, trigger: str, chats_total: int) -> tuple[int, int]:
+        """Insert the run's row; return its id and how many dead runs were marked abandoned."""
+        return self._runlog.start_run(trigger, chats_total, now=utcnow())
+
+    def finish(self, result: RunResult) -> None:
+        """Record the outcome on the run's row, and log it."""
         assert result.run_id is not None
         try:
-            RunLog(self.store.engine).finish_run(
+            self._runlog.finish_run(
                 result.run_id,
                 {
                     "finished_at": utcnow(),
@@ -403,22 +295,82 @@ class _Run:
             result.status = "failed"
             result.error = f"{result.error or 'run finished'}; and {exc.message}"
             log.error("run.finish_not_recorded", error=exc.message)
-        log.info(
-            "run.finished",
-            status=result.status,
-            chats_total=result.chats_total,
-            chats_succeeded=result.chats_succeeded,
-            chats_failed=result.chats_failed,
-            chats_changed=result.chats_changed,
-            api_calls=result.api_calls,
-            retries=result.retries,
-            duration_seconds=round(result.duration_seconds, 3),
-            error=result.error,
-        )
+        _log_finished(result)
+
+
+def _log_finished(result: RunResult) -> None:
+    log.info(
+        "run.finished",
+        status=result.status,
+        chats_total=result.chats_total,
+        chats_succeeded=result.chats_succeeded,
+        chats_failed=result.chats_failed,
+        chats_changed=result.chats_changed,
+        api_calls=result.api_calls,
+        retries=result.retries,
+        duration_seconds=round(result.duration_seconds, 3),
+        error=result.error,
+    )
+
+
+def synced_chatids(config: Config, engine: Engine) -> tuple[str, ...]:
+    """The synced set: the configured chats, then those that events added (discovery)."""
+    with database_errors("reading discovered chats"):
+        discovered = EventStore(engine).discovered()
+    return config.chatids + tuple(sorted(discovered - set(config.chatids)))
 
 
 def reconcile(
     config: Config, chatids: Sequence[str], *, stop: threading.Event | None = None
 ) -> RunResult:
-    """Re-read chats that received events: a run with trigger 'event' (``etl.listener``)."""
-    return run_sync(config, chatids=chatids, trigger="event", stop=stop)
+    """Re-read chats that received events: a run with trigger 'event' (``etl.listener``).
+
+    The chats are fetched first, without the lock; the lock is held only while the run's
+    rows are written, so that `sync` and `schedule` run beside `listen`. Waits up to
+    ``RECONCILE_LOCK_WAIT_SECONDS`` for a sync that holds the lock, then raises ``LockBusy``
+    (the events wait in the database for the next try); raises what ``run_sync`` raises.
+    """
+    wanted = tuple(dict.fromkeys(chatids))
+    started = time.monotonic()
+    with open_database(config) as engine:
+        with database_errors("connecting to the database"):
+            migrate.check_schema(engine)
+        run_stop = RunStop(stop, config.sync.run_budget_seconds)
+        with _client(config, run_stop.halt) as client:
+            fetch = FetchStage(client, wanted, config.sync.concurrency, run_stop)
+            with run_stop.watching(), contextlib.closing(fetch.batches()) as batches:
+                fetched = list(batches)
+        with (
+            database_errors("taking the sync lock"),
+            _waiting_lock(engine, run_stop.halt) as lock,
+            Store(engine) as store,
+        ):
+            recorder = RunRecorder(RunLog(engine))
+            run_id, abandoned = recorder.start("event", len(wanted))
+            result = RunResult(
+                run_id=run_id, status="running", trigger="event", chats_total=len(wanted)
+            )
+            with structlog.contextvars.bound_contextvars(run_id=run_id):
+                if abandoned:
+                    log.warning("run.abandoned_marked", count=abandoned)
+                log.info("run.started", trigger="event", chats_total=len(wanted))
+                writer = WriterStage(store, lock, result)
+                _write(fetched, writer, run_stop)
+                _settle(result, _stop_reason(run_stop, writer, result), client, started)
+                recorder.finish(result)
+            return result
+
+
+@contextmanager
+def _waiting_lock(engine: Engine, halt: threading.Event) -> Iterator[OwnedLock]:
+    """The sync lock, waited for up to ``RECONCILE_LOCK_WAIT_SECONDS`` (a sync's run is short)."""
+    deadline = time.monotonic() + RECONCILE_LOCK_WAIT_SECONDS
+    with contextlib.ExitStack() as held:
+        while True:
+            try:
+                lock = held.enter_context(run_lock(engine))
+                break
+            except LockBusy:
+                if time.monotonic() >= deadline or halt.wait(LOCK_POLL_SECONDS):
+                    raise
+        yield lock

@@ -11,6 +11,7 @@ import io
 import itertools
 import json
 import os
+import re
 import socket
 import stat
 import threading
@@ -33,7 +34,7 @@ from etl.lock import run_lock
 from etl.logs import configure_logging
 from etl.monitoring import HealthPinger, monitored_sync
 from etl.output import write_text_atomic
-from etl.simulator import Simulator
+from etl.simulator import Simulator, errmsg_for
 from etl.sync import run_sync
 from tests.conftest import APP_KEY, APP_SECRET
 from tests.helpers import rows
@@ -333,6 +334,44 @@ def test_sync_command_pings_and_writes_metrics(
     assert pings.paths() == [f"/{CHECK}/start", f"/{CHECK}"]
     metrics = parse_metrics((tmp_path / "etl.prom").read_text(encoding="utf-8"))
     assert metrics["dingtalk_etl_last_run_id"] == {(): 1.0}
+
+
+@pytest.mark.parametrize(
+    ("failing", "tail"),
+    [(2, []), (22, ["... and 2 more failed chats"])],
+    ids=["2-failed-chats", "22-failed-chats"],
+)
+def test_the_command_and_the_ping_name_the_same_failed_chats(
+    sqlite_url: URL,
+    simulator: Simulator,
+    pings: PingServer,
+    tmp_path: Path,
+    failing: int,
+    tail: list[str],
+) -> None:
+    unknown = [f"chat-x{n:02d}" for n in range(failing)]
+    config = write_config(
+        tmp_path,
+        sqlite_url,
+        simulator.base_url,
+        ["chat-a", *unknown],
+        monitoring={"healthcheck_url": pings.url},
+    )
+    env = {k: None for k in os.environ if k.startswith("DINGTALK")}
+
+    result = CliRunner().invoke(cli, ["--config", str(config), "sync"], env=env)
+
+    assert result.exit_code == 1, result.output
+    body = pings.requests[1][2].splitlines()[1:]
+    # stderr also carries the JSON log lines; the failed chats are indented.
+    assert [line for line in result.stderr.splitlines() if line.startswith("  ")] == [
+        f"  {line}" for line in body
+    ]
+    named, rest = body[: min(failing, 20)], body[min(failing, 20) :]
+    failure = rf"failed chat-x\d\d: chat/get: errcode 40016: {re.escape(errmsg_for(40016))}"
+    assert all(re.fullmatch(failure, line) for line in named)
+    assert len(set(named)) == len(named)
+    assert rest == tail
 
 
 def test_each_scheduled_run_pings_and_writes_metrics(

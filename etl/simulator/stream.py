@@ -479,7 +479,8 @@ class StreamGateway:
         ``refuse:STATUS`` answers the next connections/open with that status; ``drop``,
         ``silence:S`` and ``disconnect`` hit the current connection as soon as there is one;
         ``duplicate``, ``reorder``, ``delay:S``, ``lose``, ``lose_ack`` (its ACK never
-        arrives) and ``malformed`` apply to the next event push (a redelivery included). Each target consumes its faults in order.
+        arrives) and ``malformed`` apply to the next event push (a redelivery included).
+        Each target consumes its faults in order.
         """
         parsed = [s if isinstance(s, StreamFault) else StreamFault.parse(s) for s in specs]
         with self._lock:
