@@ -410,3 +410,97 @@ def test_gateway_refusal_stops_the_listener(
     assert error.exit_code == code  # type: ignore[attr-defined]
     assert error.message.startswith(message)  # type: ignore[attr-defined]
     assert APP_SECRET not in error.message  # type: ignore[attr-defined]
+
+
+def test_events_during_a_sync_are_stored_and_reconciled_after_it(
+    setup: Setup, listen: Callable[..., Running], tmp_path: Path
+) -> None:
+    from etl.lock import run_lock
+
+    first_sync(setup, tmp_path)
+    listen()
+    engine = create_db_engine(setup.url)
+    try:
+        # A sync holds the lock: events are still stored and ACKed at once; only the
+        # reconcile's writes wait for the lock.
+        with run_lock(engine):
+            event_id = setup.gateway.push_event("chat_quit", "chat-c", operator="u7")
+            setup.world.remove_members("chat-c", ["u7"], operator="u7")
+            until(lambda: setup.gateway.delivery(event_id).delivered, "the ACK during the sync")
+            assert event_rows(setup.url, userid="u7", source="event")
+            assert not [r for r in table(setup.url, sync_runs) if r["trigger"] == "event"]
+    finally:
+        engine.dispose()
+
+    settled(setup)
+    [run] = until(
+        lambda: [
+            r for r in table(setup.url, sync_runs) if r["trigger"] == "event" and r["finished_at"]
+        ],
+        "the reconcile after the sync",
+    )
+    assert run["status"] == "succeeded"
+
+
+def test_status_shows_the_listener_and_its_silence(
+    setup: Setup, listen: Callable[..., Running], tmp_path: Path
+) -> None:
+    import datetime as dt
+
+    from etl.monitoring import read_health
+
+    first_sync(setup, tmp_path)
+    running = listen()
+    setup.gateway.push_event("chat_add_member", "chat-zz", userId=["u1"])  # ignored: unknown
+    until(lambda: table(setup.url, pushed_events), "the event")
+    running.finish()
+    config = setup.config(tmp_path)
+
+    health = read_health(config, max_age_seconds=3600)
+    later = read_health(
+        config,
+        max_age_seconds=3600,
+        now=dt.datetime.now(dt.UTC) + dt.timedelta(hours=2),
+    )
+
+    listener_lines = [
+        line for line in health.lines() if line.startswith(("event listener", "events:"))
+    ]
+    assert listener_lines[0].startswith("event listener: stopped ")
+    assert listener_lines[1].startswith(
+        "events: 1 received, 1 ignored, 0 waiting for their reconcile;"
+    )
+    assert health.exit_code == 0
+    assert later.exit_code == 1
+    assert later.verdict().startswith("STALE: last success 2h")
+
+
+def test_the_secret_and_the_tickets_appear_nowhere(
+    setup: Setup, listen: Callable[..., Running], tmp_path: Path
+) -> None:
+    import io
+
+    from etl.logs import configure_logging
+
+    log = io.StringIO()
+    configure_logging("DEBUG", "json", stream=log)
+    first_sync(setup, tmp_path)
+    # Refused, dropped and told to move: every path that opens a connection again.
+    setup.gateway.inject("refuse:500", "drop", "disconnect", "malformed")
+    running = listen()
+    until(lambda: setup.gateway.connections_opened >= 3, "the reconnections")
+    setup.world.remove_members("chat-a", ["u2"], operator="u1")
+    settled(setup)
+    running.finish()
+
+    tickets = setup.gateway.tickets_issued
+    assert len(tickets) >= 3
+    assert '"events.received"' in log.getvalue()
+    produced = log.getvalue() + repr(
+        [table(setup.url, t) for t in (pushed_events, chat_events, sync_runs, discovered_chats)]
+    )
+    from etl.schema import event_listeners
+
+    produced += repr(table(setup.url, event_listeners))
+    for secret in (APP_SECRET, *tickets):
+        assert secret not in produced

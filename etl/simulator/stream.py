@@ -337,6 +337,8 @@ class StreamGateway:
         self._conns: list[_Conn] = []
         self._conn_seq = itertools.count(1)
         self._tickets: set[str] = set()
+        # Every ticket ever issued, so that tests can look for one where it must not be.
+        self.tickets_issued: list[str] = []
         self._faults: dict[FaultTarget, deque[tuple[int, StreamFault]]] = {
             "open": deque(),
             "connection": deque(),
@@ -590,6 +592,7 @@ class StreamGateway:
         ticket = str(uuid.uuid4())
         with self._lock:
             self._tickets.add(ticket)
+            self.tickets_issued.append(ticket)
             self.stats.tickets_issued += 1
         return 200, {"endpoint": self.endpoint, "ticket": ticket}
 
