@@ -288,6 +288,28 @@ ERRORS: list[tuple[str, str]] = [
         "[logging] format: Input should be 'json' or 'console' (got 'text')",
     ),
     ("dingtalk = 5\n" + '[sync]\nchatids = ["chat1"]\n', "[dingtalk]: expected a table (got 5)"),
+    (
+        minimal() + "[events]\ngateway_url = 'http://api.dingtalk.com'\n",
+        "[events] gateway_url: plain http:// to a non-loopback host would expose the app secret; "
+        "use https:// or set [dingtalk] allow_insecure_http = true",
+    ),
+    (
+        minimal() + "[events]\ngateway_url = 'api.dingtalk.com'\n",
+        "[events] gateway_url: must be an http(s) URL such as https://api.dingtalk.com "
+        "(got 'api.dingtalk.com')",
+    ),
+    (
+        minimal() + "[events]\nreconcile_delay_seconds = -1\n",
+        "[events] reconcile_delay_seconds: Input should be greater than or equal to 0 (got -1)",
+    ),
+    (
+        minimal() + "[events]\nsilence_timeout_seconds = 0\n",
+        "[events] silence_timeout_seconds: Input should be greater than 0 (got 0)",
+    ),
+    (
+        minimal() + "[events]\ndiscover_chats = 'yes'\n",
+        "[events] discover_chats: Input should be a valid boolean (got 'yes')",
+    ),
 ]
 
 
@@ -321,6 +343,11 @@ ERRORS: list[tuple[str, str]] = [
         "lowercase-level",
         "unknown-log-format",
         "section-not-a-table",
+        "events-plain-http-remote",
+        "events-gateway-without-scheme",
+        "events-negative-delay",
+        "events-zero-silence",
+        "events-string-for-boolean",
     ],
 )
 def test_configuration_error_names_the_file_and_the_key(
