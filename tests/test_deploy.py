@@ -17,7 +17,8 @@ from sqlalchemy.engine import URL
 from etl.lock import run_lock
 from etl.simulator import Simulator
 from etl.store import create_db_engine
-from tests.conftest import APP_KEY, APP_SECRET, IN_CI
+from tests.conftest import APP_KEY, APP_SECRET
+from tests.helpers import IN_CI
 from tests.test_schedule import write_config
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

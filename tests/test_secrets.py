@@ -31,9 +31,10 @@ from etl.config import load_config
 from etl.errors import EtlError
 from etl.simulator import SimChat, Simulator, World
 from etl.sync import run_sync
-from tests.conftest import APP_KEY, APP_SECRET, fresh_database, migrated
+from tests.conftest import APP_KEY, APP_SECRET
 from tests.faults.checks import load_tables
 from tests.faults.conftest import Launcher, clean_env, write_config
+from tests.helpers import fresh_database, migrated
 
 REPO = Path(__file__).resolve().parents[1]
 # Characters that need URL-encoding, so both spellings are searched for.

@@ -31,10 +31,10 @@ from etl.config import Config, load_config
 from etl.lock import PG_LOCK_KEY
 from etl.simulator import SimChat, Simulator, World
 from etl.sync import RunResult, run_sync
-from tests.conftest import APP_KEY, APP_SECRET, MakeConfig, fresh_database, migrated
+from tests.conftest import APP_KEY, APP_SECRET, MakeConfig
 from tests.faults.checks import audit_problems, world_problems, world_state
 from tests.faults.conftest import write_config
-from tests.helpers import rows
+from tests.helpers import fresh_database, migrated, rows
 
 CHATS = ["chat-a", "chat-b", "chat-c"]
 
