@@ -1,5 +1,5 @@
-"""Helpers shared by the tests: server databases, and reading tables back (plain SQL through
-SQLAlchemy Core).
+"""Helpers shared by the tests: server databases, configuration files and the environment of a
+child process, and reading tables back (plain SQL through SQLAlchemy Core).
 
 Server databases: PostgreSQL (127.0.0.1:5432) and MariaDB (127.0.0.1:3306) when they answer;
 with CI=true an unreachable server fails the test instead of skipping it. They are all created
@@ -9,6 +9,7 @@ here, so one registry knows them, and the session drops them when it ends (conft
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
 from pathlib import Path
@@ -138,6 +139,72 @@ def migrated(url: URL) -> URL:
     finally:
         engine.dispose()
     return url
+
+
+# -- configuration files and child processes -------------------------------------------------------
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    # A JSON string is a valid TOML basic string.
+    return json.dumps(value)
+
+
+def write_config(
+    folder: Path,
+    db: URL | str | None = None,
+    base_url: str | None = None,
+    chatids: list[str] | None = None,
+    *,
+    app_key: str | None = APP_KEY,
+    app_secret: str | None = APP_SECRET,
+    name: str = "config.toml",
+    extra: str = "",
+    **sections: dict[str, Any],
+) -> Path:
+    """``folder/name``: a config file as an operator writes it, for the command line.
+
+    Against the simulator: no client-side rate limit, two attempts per request; logs at ERROR
+    (a test that reads the log asks for its level); everything else is the product's default.
+    A key given as None is left out, as is a section left empty. ``sections`` add or override
+    keys (``sync={"concurrency": 1}``); ``extra`` is appended as it is, after the last section
+    (``[logging]`` unless others were added).
+    """
+    database = db.render_as_string(hide_password=False) if isinstance(db, URL) else db
+    settings: dict[str, dict[str, Any]] = {
+        "dingtalk": {
+            "base_url": base_url,
+            "app_key": app_key,
+            "app_secret": app_secret,
+            "max_requests_per_second": 1000,
+            "max_attempts": 2,
+        },
+        "database": {"url": database},
+        "sync": {"chatids": chatids},
+        "logging": {"level": "ERROR"},
+    }
+    for section, values in sections.items():
+        settings.setdefault(section, {}).update(values)
+    body = "\n".join(
+        f"[{section}]\n"
+        + "".join(f"{key} = {_toml(value)}\n" for key, value in values.items() if value is not None)
+        for section, values in settings.items()
+        if any(value is not None for value in values.values())
+    )
+    path = folder / name
+    path.write_text(body + extra, encoding="utf-8")
+    path.chmod(0o600)  # it may hold app_secret: owner-only, or the loader warns on stderr
+    return path
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without any DINGTALK_* override, for a child process."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("DINGTALK")}
 
 
 # -- reading tables back ---------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,41 +12,10 @@ from sqlalchemy.engine import URL
 
 from etl.simulator import Simulator, World
 from etl.sync import run_sync
-from tests.conftest import APP_KEY, APP_SECRET, MakeConfig
-from tests.helpers import rows
+from tests.conftest import MakeConfig
+from tests.helpers import clean_env, rows, write_config
 
 CLI = [sys.executable, "-m", "etl"]
-
-
-def write_config(tmp_path: Path, db: URL, base_url: str, chatids: list[str]) -> Path:
-    path = tmp_path / "config.toml"
-    ids = ", ".join(f'"{c}"' for c in chatids)
-    path.write_text(
-        f"""
-[dingtalk]
-base_url = "{base_url}"
-app_key = "{APP_KEY}"
-app_secret = "{APP_SECRET}"
-max_attempts = 2
-
-[database]
-url = "{db.render_as_string(hide_password=False)}"
-
-[sync]
-chatids = [{ids}]
-concurrency = 1
-
-[logging]
-level = "WARNING"
-""",
-        encoding="utf-8",
-    )
-    path.chmod(0o600)  # it holds app_secret: owner-only, or the loader warns on stderr
-    return path
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("DINGTALK")}
 
 
 def wait_for_running_row(db: URL, timeout: float = 20.0) -> dict[str, object]:
@@ -63,7 +31,9 @@ def wait_for_running_row(db: URL, timeout: float = 20.0) -> dict[str, object]:
 def test_second_sync_exits_75_at_once_and_leaves_no_row(
     db_url: URL, simulator: Simulator, world: World, tmp_path: Path
 ) -> None:
-    config = write_config(tmp_path, db_url, simulator.base_url, ["chat-a", "chat-b"])
+    config = write_config(
+        tmp_path, db_url, simulator.base_url, ["chat-a", "chat-b"], sync={"concurrency": 1}
+    )
     # Keeps the first run, and its lock, busy far longer than the second needs to start,
     # however loaded the machine is; the first is killed once the second has answered.
     world.inject("chat-a", "slow:30")
@@ -105,7 +75,9 @@ def test_second_sync_exits_75_at_once_and_leaves_no_row(
 def test_killed_run_is_marked_abandoned_by_the_next(
     db_url: URL, simulator: Simulator, world: World, tmp_path: Path, make_config: MakeConfig
 ) -> None:
-    config = write_config(tmp_path, db_url, simulator.base_url, ["chat-a", "chat-b"])
+    config = write_config(
+        tmp_path, db_url, simulator.base_url, ["chat-a", "chat-b"], sync={"concurrency": 1}
+    )
     world.inject("chat-b", "slow:5")
     victim = subprocess.Popen(
         [*CLI, "--config", str(config), "sync"],

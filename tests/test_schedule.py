@@ -32,65 +32,14 @@ from etl.scheduler import JOB_ID, AlignedInterval, SyncScheduler, build_trigger
 from etl.simulator import Simulator, World
 from etl.sync import run_sync
 from tests.conftest import APP_KEY, APP_SECRET, MakeConfig
-from tests.helpers import rows
+from tests.helpers import clean_env, rows, write_config
 
 CLI = [sys.executable, "-m", "etl"]
 NO_FIRE = "0 0 1 1 *"  # once a year: only run_on_start fires within a test
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return str(value)
-
-
-def write_config(
-    folder: Path,
-    db: URL | str,
-    base_url: str,
-    chatids: list[str],
-    *,
-    schedule: dict[str, Any] | None = None,
-    monitoring: dict[str, Any] | None = None,
-    sync: dict[str, Any] | None = None,
-    app_secret: str = APP_SECRET,
-    name: str = "config.toml",
-) -> Path:
-    """A config file as an operator writes it, for the CLI in a subprocess."""
-    database = db if isinstance(db, str) else db.render_as_string(hide_password=False)
-    sections: dict[str, dict[str, Any]] = {
-        "dingtalk": {
-            "base_url": base_url,
-            "app_key": APP_KEY,
-            "app_secret": app_secret,
-            "max_requests_per_second": 1000,
-            "max_attempts": 2,
-            "timeout_seconds": 10,
-        },
-        "database": {"url": database},
-        "sync": {"chatids": chatids, "concurrency": 1, **(sync or {})},
-        "logging": {"level": "INFO", "format": "json"},
-    }
-    if schedule is not None:
-        sections["schedule"] = schedule
-    if monitoring is not None:
-        sections["monitoring"] = monitoring
-    text = "\n".join(
-        f"[{section}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
-        for section, values in sections.items()
-    )
-    path = folder / name
-    path.write_text(text, encoding="utf-8")
-    path.chmod(0o600)
-    return path
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("DINGTALK")}
+# The scheduler's JSON log lines, which these tests read.
+SCHEDULE_LOG = {"level": "INFO", "format": "json"}
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -178,6 +127,7 @@ def test_schedule_fires_on_the_interval_and_stops_on_sigterm(
         simulator.base_url,
         ["chat-a", "chat-b"],
         schedule={"interval_seconds": 1, "run_on_start": True},
+        logging=SCHEDULE_LOG,
     )
     process = start_schedule(config)
     wait_until(
@@ -231,6 +181,7 @@ def test_a_fire_during_a_long_run_is_skipped_not_queued(
         simulator.base_url,
         ["chat-a"],
         schedule={"interval_seconds": 1, "run_on_start": True},
+        logging=SCHEDULE_LOG,
     )
     process = start_schedule(config)
     wait_until("two scheduled runs", lambda: len(schedule_runs(sqlite_url)) >= 2)
@@ -261,6 +212,8 @@ def test_sigterm_mid_run_finishes_the_chat_in_hand_and_marks_the_run(
         simulator.base_url,
         ["chat-a", "chat-b", "chat-c"],
         schedule={"cron": NO_FIRE, "run_on_start": True},
+        sync={"concurrency": 1},  # chat-a alone in hand
+        logging=SCHEDULE_LOG,
     )
     process = start_schedule(config)
     wait_until("the run to start", lambda: bool(rows(db_url, "sync_runs")))
@@ -305,6 +258,7 @@ def test_database_down_at_fire_time_is_logged_and_retried_at_the_next_fire(
         simulator.base_url,
         ["chat-a"],
         schedule={"interval_seconds": 1, "run_on_start": True},
+        logging=SCHEDULE_LOG,
     )
     process = start_schedule(config)
     wait_until("two failed fires", lambda: len(process.events("schedule.run_failed")) >= 2)
@@ -329,6 +283,7 @@ def test_a_failed_run_does_not_stop_the_scheduler(
         ["chat-a"],
         schedule={"interval_seconds": 1, "run_on_start": True},
         app_secret="wrong-secret-0123456789",
+        logging=SCHEDULE_LOG,
     )
     process = start_schedule(config)
     wait_until("two failed runs", lambda: len(schedule_runs(sqlite_url)) >= 2)
@@ -354,7 +309,12 @@ def test_two_schedulers_never_sync_at_once(
 ) -> None:
     world.inject("chat-a", *["slow:1"] * 40)  # each run holds the lock for about a second
     config = write_config(
-        tmp_path, db_url, simulator.base_url, ["chat-a", "chat-b"], schedule={"interval_seconds": 3}
+        tmp_path,
+        db_url,
+        simulator.base_url,
+        ["chat-a", "chat-b"],
+        schedule={"interval_seconds": 3},
+        logging=SCHEDULE_LOG,
     )
     first = start_schedule(config, "first")
     second = start_schedule(config, "second")

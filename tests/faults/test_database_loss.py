@@ -33,8 +33,7 @@ from etl.simulator import SimChat, Simulator, World
 from etl.sync import RunResult, run_sync
 from tests.conftest import APP_KEY, APP_SECRET, MakeConfig
 from tests.faults.checks import audit_problems, world_problems, world_state
-from tests.faults.conftest import write_config
-from tests.helpers import fresh_database, migrated, rows
+from tests.helpers import fresh_database, migrated, rows, write_config
 
 CHATS = ["chat-a", "chat-b", "chat-c"]
 
@@ -227,12 +226,10 @@ def _exclusive(database: Path) -> Iterator[None]:
 
 def _sqlite_config(folder: Path, db: URL, base_url: str, busy_timeout: float) -> Config:
     path = write_config(
-        folder / "config.toml",
+        folder,
         db,
         base_url,
         CHATS,
-        app_key=APP_KEY,
-        app_secret=APP_SECRET,
         database={"busy_timeout_seconds": busy_timeout},
         sync={"concurrency": 1},
     )
