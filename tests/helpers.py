@@ -1,5 +1,6 @@
 """Helpers shared by the tests: server databases, configuration files and the environment of a
-child process, and reading tables back (plain SQL through SQLAlchemy Core).
+child process, waiting on another thread or process, and reading tables back (plain SQL
+through SQLAlchemy Core).
 
 Server databases: PostgreSQL (127.0.0.1:5432) and MariaDB (127.0.0.1:3306) when they answer;
 with CI=true an unreachable server fails the test instead of skipping it. They are all created
@@ -11,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import create_engine, select, text
@@ -26,6 +29,8 @@ from etl.store import create_db_engine
 
 APP_KEY = "test-key"
 APP_SECRET = "test-secret-9f8e7d6c5b4a"
+
+T = TypeVar("T")
 
 # -- server databases ----------------------------------------------------------------------------
 
@@ -205,6 +210,19 @@ def write_config(
 def clean_env() -> dict[str, str]:
     """This process's environment without any DINGTALK_* override, for a child process."""
     return {k: v for k, v in os.environ.items() if not k.startswith("DINGTALK")}
+
+
+def wait_for(what: str, condition: Callable[[], T], timeout: float = 30.0) -> T:
+    """Poll ``condition`` until it returns something true, and return that; fail naming
+    ``what`` after ``timeout`` seconds. The way to wait for another thread or process."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
 
 
 # -- reading tables back ---------------------------------------------------------------------------

@@ -35,8 +35,8 @@ from etl.simulator import Simulator
 from etl.store import create_db_engine
 from etl.sync import run_sync
 from tests.conftest import APP_KEY, APP_SECRET
-from tests.helpers import rows, write_config
-from tests.test_schedule import SCHEDULE_LOG, StartSchedule, schedule_processes, wait_until
+from tests.helpers import rows, wait_for, write_config
+from tests.test_schedule import SCHEDULE_LOG, StartSchedule, schedule_processes
 
 CHECK = "0f1e2d3c-4b5a-6978-8a9b-aabbccddeeff"  # the secret part of a ping URL
 WRONG_SECRET = "wrong-secret-0123456789"
@@ -351,7 +351,7 @@ def test_each_scheduled_run_pings_and_writes_metrics(
         logging=SCHEDULE_LOG,
     )
     process = start_schedule(config)
-    wait_until("two runs reported", lambda: pings.paths().count(f"/{CHECK}") >= 2)
+    wait_for("two runs reported", lambda: pings.paths().count(f"/{CHECK}") >= 2)
     code, _ = process.stop()
 
     assert code == 0

@@ -9,7 +9,6 @@ without a single chat/get.
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from sqlalchemy.engine import URL
@@ -18,7 +17,7 @@ from etl.simulator import Simulator
 from etl.sync import RunResult, run_sync
 from tests.conftest import MakeConfig
 from tests.faults.checks import audit_problems, numbered_world, world_problems, world_state
-from tests.helpers import rows
+from tests.helpers import rows, wait_for
 
 MAX_ATTEMPTS = 3
 
@@ -115,7 +114,7 @@ def test_gettoken_answering_minus_1(
 
 def test_refresh_mid_run_meets_a_busy_gettoken(sqlite_url: URL, make_config: MakeConfig) -> None:
     world = numbered_world(4)
-    world.inject("chat-01", "slow:0.5")
+    world.inject("chat-01", "slow:2")  # time enough to react to its arrival, however loaded
     with Simulator(world) as sim:
         config = make_config(sqlite_url, sim.base_url, world.chatids(), sync={"concurrency": 1})
         out: dict[str, RunResult] = {}
@@ -123,9 +122,7 @@ def test_refresh_mid_run_meets_a_busy_gettoken(sqlite_url: URL, make_config: Mak
         worker.start()
         # While chat-01's answer is on its way, its token expires (42001), and the refresh
         # meets a busy gettoken once.
-        deadline = time.monotonic() + 10
-        while world.stats.requests_by_chat["chat-01"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for("chat-01's request", lambda: world.stats.requests_by_chat["chat-01"])
         world.inject("@gettoken", "errcode:-1")
         world.expire_token()
         worker.join(timeout=30)
