@@ -378,6 +378,8 @@ def test_values_mysql_cannot_hold_fail_their_chat_alone_on_every_database(
 _serial = itertools.count(1)
 
 
+# 25 syncs into a server database: about a minute, several on a loaded machine.
+@pytest.mark.timeout(600)
 @settings(
     max_examples=ROUND_TRIP_EXAMPLES,
     deadline=None,
