@@ -212,7 +212,7 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("DINGTALK")}
 
 
-def wait_for(what: str, condition: Callable[[], T], timeout: float = 30.0) -> T:
+def wait_for(what: str, condition: Callable[[], T], timeout: float = 60.0) -> T:
     """Poll ``condition`` until it returns something true, and return that; fail naming
     ``what`` after ``timeout`` seconds. The way to wait for another thread or process."""
     deadline = time.monotonic() + timeout

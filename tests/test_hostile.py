@@ -190,6 +190,8 @@ def chat_infos(*, wire: bool = False) -> st.SearchStrategy[Any]:
     return build()
 
 
+# Hundreds of examples, some of them 70,000 characters: minutes when the machine is busy.
+SLOW = pytest.mark.timeout(600)
 HOSTILE = settings(
     max_examples=NORMALIZE_EXAMPLES,
     deadline=None,
@@ -219,6 +221,7 @@ def _normalized(payload: Any) -> ChatRecord | str:
         return exc.message
 
 
+@SLOW
 @HOSTILE
 @given(payload=chat_infos())
 def test_any_payload_normalizes_exactly_or_is_rejected_naming_a_field(payload: Any) -> None:
@@ -244,6 +247,7 @@ def test_any_payload_normalizes_exactly_or_is_rejected_naming_a_field(payload: A
         assert again.fingerprint == record.fingerprint
 
 
+@SLOW
 @settings(HOSTILE, max_examples=CLASSIFY_EXAMPLES)
 @given(
     chat_info=chat_infos(),
@@ -378,8 +382,7 @@ def test_values_mysql_cannot_hold_fail_their_chat_alone_on_every_database(
 _serial = itertools.count(1)
 
 
-# 25 syncs into a server database: about a minute, several on a loaded machine.
-@pytest.mark.timeout(600)
+@SLOW  # 25 syncs into a server database
 @settings(
     max_examples=ROUND_TRIP_EXAMPLES,
     deadline=None,
