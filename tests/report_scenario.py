@@ -32,7 +32,8 @@ from etl.logs import configure_logging
 from etl.schema import chats
 from etl.simulator import SimChat, Simulator, World
 from etl.sync import run_sync
-from tests.conftest import APP_KEY, APP_SECRET, DATABASES, fresh_database, migrated
+from tests.conftest import APP_KEY, APP_SECRET, DATABASES
+from tests.helpers import fresh_database, migrated
 
 CHATIDS = ["chat-fin", "chat-eng", "chat-old", "chat-x"]
 SAFE = {"validationType": 1, "searchable": 0, "mentionAllAuthority": 1, "managementType": 1}
