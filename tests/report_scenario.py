@@ -42,7 +42,8 @@ from etl.logs import configure_logging
 from etl.schema import chat_events, chats, pushed_events
 from etl.simulator import SimChat, Simulator, StreamGateway, World
 from etl.sync import reconcile, run_sync
-from tests.conftest import APP_KEY, APP_SECRET, DATABASES, fresh_database, migrated
+from tests.conftest import APP_KEY, APP_SECRET, DATABASES
+from tests.helpers import fresh_database, migrated
 
 CHATIDS = ["chat-fin", "chat-eng", "chat-old", "chat-x"]
 SAFE = {"validationType": 1, "searchable": 0, "mentionAllAuthority": 1, "managementType": 1}

@@ -25,6 +25,7 @@ from etl.lock import run_lock
 from etl.schema import sync_run_items, sync_runs
 from etl.simulator import Simulator, errmsg_for
 from tests.conftest import APP_KEY, APP_SECRET
+from tests.helpers import write_config
 
 BIN = Path(sys.executable).parent
 # The CLI reads the process environment: every test starts without these.
@@ -48,40 +49,6 @@ def invoke(args: list[str], env: dict[str, str] | None = None) -> Result:
     # Only SystemExit is an expected way out; anything else is a crash with a traceback.
     assert result.exception is None or isinstance(result.exception, SystemExit), result.output
     return result
-
-
-def url_text(url: URL | str) -> str:
-    return url if isinstance(url, str) else url.render_as_string(hide_password=False)
-
-
-def write_config(
-    folder: Path,
-    *,
-    database: URL | str | None = None,
-    base_url: str | None = None,
-    chatids: list[str] | None = None,
-    app_key: str | None = APP_KEY,
-    app_secret: str | None = APP_SECRET,
-    extra: str = "",
-    name: str = "config.toml",
-) -> Path:
-    lines = ["[dingtalk]"]
-    if base_url is not None:
-        lines += [f'base_url = "{base_url}"', "max_requests_per_second = 1000", "max_attempts = 2"]
-    if app_key is not None:
-        lines.append(f'app_key = "{app_key}"')
-    if app_secret is not None:
-        lines.append(f'app_secret = "{app_secret}"')
-    if database is not None:
-        lines += ["[database]", f'url = "{url_text(database)}"']
-    if chatids is not None:
-        lines += ["[sync]", f"chatids = {json.dumps(chatids)}"]
-    lines += ["[logging]", 'level = "ERROR"']
-    path = folder / name
-    path.write_text("\n".join(lines) + "\n" + extra, encoding="utf-8")
-    # It may hold app_secret: owner-only, or the loader warns on stderr.
-    path.chmod(0o600)
-    return path
 
 
 def table_rows(url: URL, table: Any) -> list[dict[str, Any]]:
@@ -272,7 +239,7 @@ def test_missing_config_file_exits_78(
 def test_invalid_config_exits_78_naming_the_problem(
     tmp_path: Path, sqlite_url: URL, extra: str, problem: str | None, command: list[str]
 ) -> None:
-    config = write_config(tmp_path, database=sqlite_url, chatids=["chat-a"], extra=extra)
+    config = write_config(tmp_path, db=sqlite_url, chatids=["chat-a"], extra=extra)
     if problem is None:
         with pytest.raises(tomllib.TOMLDecodeError) as parse_error:
             tomllib.loads(config.read_text(encoding="utf-8"))
@@ -305,9 +272,7 @@ def test_config_error_lists_every_problem(tmp_path: Path) -> None:
 def test_unmigrated_database_exits_78_and_says_to_upgrade(
     tmp_path: Path, empty_db: URL, simulator: Simulator, command: list[str]
 ) -> None:
-    config = write_config(
-        tmp_path, database=empty_db, base_url=simulator.base_url, chatids=["chat-a"]
-    )
+    config = write_config(tmp_path, db=empty_db, base_url=simulator.base_url, chatids=["chat-a"])
 
     result = invoke(["--config", str(config), *command])
 
@@ -322,9 +287,7 @@ def test_unmigrated_database_exits_78_and_says_to_upgrade(
 
 
 def test_sync_migrate_upgrades_first(tmp_path: Path, empty_db: URL, simulator: Simulator) -> None:
-    config = write_config(
-        tmp_path, database=empty_db, base_url=simulator.base_url, chatids=["chat-a"]
-    )
+    config = write_config(tmp_path, db=empty_db, base_url=simulator.base_url, chatids=["chat-a"])
 
     result = invoke(["--config", str(config), "sync", "--migrate"])
 
@@ -340,7 +303,7 @@ def test_sync_migrate_upgrades_first(tmp_path: Path, empty_db: URL, simulator: S
 
 
 def test_db_upgrade_is_idempotent_and_needs_no_credentials(tmp_path: Path, empty_db: URL) -> None:
-    config = write_config(tmp_path, database=empty_db, app_key=None, app_secret=None)
+    config = write_config(tmp_path, db=empty_db, app_key=None, app_secret=None)
     shown = empty_db.render_as_string(hide_password=True)
     head = migrate.head_revision()
 
@@ -372,7 +335,7 @@ def test_db_upgrade_relative_sqlite_path_is_next_to_the_config(
 ) -> None:
     folder = tmp_path / "etc"
     folder.mkdir()
-    config = write_config(folder, database="sqlite:///etl.db", app_key=None, app_secret=None)
+    config = write_config(folder, db="sqlite:///etl.db", app_key=None, app_secret=None)
     monkeypatch.chdir(tmp_path)
 
     result = invoke(["--config", "etc/config.toml", "db", "upgrade"])
@@ -388,7 +351,7 @@ def test_db_upgrade_relative_sqlite_path_is_next_to_the_config(
 
 def test_db_upgrade_hides_the_database_password(tmp_path: Path) -> None:
     config = write_config(
-        tmp_path, database="postgresql://etl:pw-0123456789@127.0.0.1:1/etl", app_key=None
+        tmp_path, db="postgresql://etl:pw-0123456789@127.0.0.1:1/etl", app_key=None
     )
 
     result = invoke(["--config", str(config), "db", "upgrade"])
@@ -404,7 +367,7 @@ def test_db_upgrade_hides_the_database_password(tmp_path: Path) -> None:
 def test_sync_all_ok_exits_0(tmp_path: Path, sqlite_url: URL, simulator: Simulator) -> None:
     config = write_config(
         tmp_path,
-        database=sqlite_url,
+        db=sqlite_url,
         base_url=simulator.base_url,
         chatids=["chat-a", "chat-b", "chat-c"],
     )
@@ -426,7 +389,7 @@ def test_sync_all_ok_exits_0(tmp_path: Path, sqlite_url: URL, simulator: Simulat
 def test_sync_partial_exits_1(tmp_path: Path, sqlite_url: URL, simulator: Simulator) -> None:
     config = write_config(
         tmp_path,
-        database=sqlite_url,
+        db=sqlite_url,
         base_url=simulator.base_url,
         chatids=["chat-a", "chat-b", "chat-x", "chat-c"],
     )
@@ -456,7 +419,7 @@ def test_sync_chatid_restricts_the_run(
 ) -> None:
     config = write_config(
         tmp_path,
-        database=sqlite_url,
+        db=sqlite_url,
         base_url=simulator.base_url,
         chatids=["chat-a", "chat-b", "chat-c", "chat-x"],
     )
@@ -491,9 +454,7 @@ def test_sync_chatid_restricts_the_run(
 def test_sync_chatid_may_name_an_unconfigured_chat(
     tmp_path: Path, sqlite_url: URL, simulator: Simulator
 ) -> None:
-    config = write_config(
-        tmp_path, database=sqlite_url, base_url=simulator.base_url, chatids=["chat-a"]
-    )
+    config = write_config(tmp_path, db=sqlite_url, base_url=simulator.base_url, chatids=["chat-a"])
 
     result = invoke(["--config", str(config), "sync", "--chatid", "chat-x"])
 
@@ -512,7 +473,7 @@ def test_sync_bad_credentials_exits_3_and_records_the_failed_run(
 ) -> None:
     config = write_config(
         tmp_path,
-        database=sqlite_url,
+        db=sqlite_url,
         base_url=simulator.base_url,
         chatids=["chat-a", "chat-b", "chat-c"],
         app_key=app_key,
@@ -542,7 +503,7 @@ def test_sync_takes_credentials_from_the_environment(
 ) -> None:
     config = write_config(
         tmp_path,
-        database=sqlite_url,
+        db=sqlite_url,
         base_url=simulator.base_url,
         chatids=["chat-a"],
         app_key=None,
@@ -559,9 +520,7 @@ def test_sync_takes_credentials_from_the_environment(
 def test_sync_refused_while_another_holds_the_lock_exits_75(
     tmp_path: Path, sqlite_url: URL, simulator: Simulator
 ) -> None:
-    config = write_config(
-        tmp_path, database=sqlite_url, base_url=simulator.base_url, chatids=["chat-a"]
-    )
+    config = write_config(tmp_path, db=sqlite_url, base_url=simulator.base_url, chatids=["chat-a"])
     engine = create_db_engine(sqlite_url)
     try:
         with run_lock(engine):
@@ -587,21 +546,21 @@ def three_runs(tmp_path: Path, sqlite_url: URL, simulator: Simulator) -> Path:
     """A database with a succeeded, a partial and a failed run (ids 1, 2, 3)."""
     ok = write_config(
         tmp_path,
-        database=sqlite_url,
+        db=sqlite_url,
         base_url=simulator.base_url,
         chatids=["chat-a"],
         name="ok.toml",
     )
     partial = write_config(
         tmp_path,
-        database=sqlite_url,
+        db=sqlite_url,
         base_url=simulator.base_url,
         chatids=["chat-a", "chat-x"],
         name="partial.toml",
     )
     failed = write_config(
         tmp_path,
-        database=sqlite_url,
+        db=sqlite_url,
         base_url=simulator.base_url,
         chatids=["chat-a"],
         app_secret="wrong-secret-0123456789",
@@ -609,7 +568,7 @@ def three_runs(tmp_path: Path, sqlite_url: URL, simulator: Simulator) -> Path:
     )
     codes = [invoke(["--config", str(path), "sync"]).exit_code for path in (ok, partial, failed)]
     assert codes == [0, 1, 3]
-    return write_config(tmp_path, database=sqlite_url, app_key=None, app_secret=None)
+    return write_config(tmp_path, db=sqlite_url, app_key=None, app_secret=None)
 
 
 def test_runs_json_keys_are_the_sync_runs_columns(three_runs: Path, sqlite_url: URL) -> None:
@@ -676,8 +635,8 @@ def _two_configs(tmp_path: Path) -> tuple[Path, Path]:
     first.mkdir()
     second.mkdir()
     return (
-        write_config(first, database="sqlite:///one.db", app_key=None, app_secret=None),
-        write_config(second, database="sqlite:///two.db", app_key=None, app_secret=None),
+        write_config(first, db="sqlite:///one.db", app_key=None, app_secret=None),
+        write_config(second, db="sqlite:///two.db", app_key=None, app_secret=None),
     )
 
 
@@ -707,7 +666,7 @@ def test_config_option_and_environment(tmp_path: Path, choose: Choose, chosen: s
 def test_default_config_is_in_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write_config(tmp_path, database="sqlite:///here.db", app_key=None, app_secret=None)
+    write_config(tmp_path, db="sqlite:///here.db", app_key=None, app_secret=None)
     monkeypatch.chdir(tmp_path)
 
     result = invoke(["db", "upgrade"])
@@ -717,7 +676,7 @@ def test_default_config_is_in_the_working_directory(
 
 
 def test_database_url_from_the_environment_wins(tmp_path: Path) -> None:
-    config = write_config(tmp_path, database="sqlite:///file.db", app_key=None, app_secret=None)
+    config = write_config(tmp_path, db="sqlite:///file.db", app_key=None, app_secret=None)
     env_db = tmp_path / "env.db"
 
     result = invoke(

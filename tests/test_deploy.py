@@ -5,7 +5,6 @@ on; the crontab line stays silent on success and on a held lock, and speaks on f
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
 import sys
@@ -17,8 +16,8 @@ from sqlalchemy.engine import URL
 from etl.db import create_db_engine
 from etl.lock import run_lock
 from etl.simulator import Simulator
-from tests.conftest import APP_KEY, APP_SECRET, IN_CI
-from tests.test_schedule import write_config
+from tests.conftest import APP_KEY, APP_SECRET
+from tests.helpers import IN_CI, clean_env, write_config
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNITS = [
@@ -193,14 +192,13 @@ def test_crontab_line_mails_only_failures(
     )
     env_file.chmod(0o600)
     command = cron_command(tmp_path, config)
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("DINGTALK")}
 
     engine = create_db_engine(sqlite_url)
     try:
         with run_lock(engine) if situation == "locked" else contextlib.nullcontext():
             result = subprocess.run(
                 ["/bin/sh", "-c", command],
-                env=environment,
+                env=clean_env(),
                 capture_output=True,
                 text=True,
                 timeout=60,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from sqlalchemy.engine import URL
 
 from etl.db import create_db_engine
 from etl.dingtalk import classify
-from etl.errors import EtlError, PayloadError
+from etl.errors import ApiError, EtlError, PayloadError, RequestFailed, TransientError
 from etl.normalize import STATUS_DISMISSED, ChatRecord, normalize_chat
 from etl.simulator import SimChat, Simulator, World
 from etl.sync import run_sync
@@ -189,6 +190,8 @@ def chat_infos(*, wire: bool = False) -> st.SearchStrategy[Any]:
     return build()
 
 
+# Hundreds of examples, some of them 70,000 characters: minutes when the machine is busy.
+SLOW = pytest.mark.timeout(600)
 HOSTILE = settings(
     max_examples=NORMALIZE_EXAMPLES,
     deadline=None,
@@ -218,6 +221,7 @@ def _normalized(payload: Any) -> ChatRecord | str:
         return exc.message
 
 
+@SLOW
 @HOSTILE
 @given(payload=chat_infos())
 def test_any_payload_normalizes_exactly_or_is_rejected_naming_a_field(payload: Any) -> None:
@@ -243,6 +247,7 @@ def test_any_payload_normalizes_exactly_or_is_rejected_naming_a_field(payload: A
         assert again.fingerprint == record.fingerprint
 
 
+@SLOW
 @settings(HOSTILE, max_examples=CLASSIFY_EXAMPLES)
 @given(
     chat_info=chat_infos(),
@@ -254,8 +259,41 @@ def test_any_answer_is_classified_without_crashing(chat_info: Any, errcode: Any)
         body = json.dumps({"errcode": errcode, "errmsg": "ok", "chat_info": chat_info})
     except (ValueError, RecursionError):
         assume(False)
-    outcome = _read_answer(body.encode("utf-8", "surrogatepass"))
-    assert outcome is None or outcome.message
+    wire = body.encode("utf-8", "surrogatepass")
+    outcome = _read_answer(wire)
+    if not (_finite(errcode) and _finite(chat_info)):
+        # json.dumps wrote NaN or Infinity, which is not JSON: an unreadable answer.
+        event("not JSON")
+        assert isinstance(outcome, TransientError)
+        assert outcome.message == f"chat/get: answer is not JSON (HTTP 200, {len(wire)} bytes)"
+    elif type(errcode) is not int:
+        event("errcode not an integer")
+        assert isinstance(outcome, RequestFailed)
+        assert outcome.message == f"chat/get: errcode is not an integer: {errcode!r}"
+    elif errcode != 0:
+        event("errcode")
+        assert isinstance(outcome, ApiError)
+        assert (outcome.errcode, outcome.message) == (errcode, f"chat/get: errcode {errcode}: ok")
+    else:
+        # chat_info as it came over the wire: accepted, or rejected exactly as on its own.
+        expected = _normalized(json.loads(body)["chat_info"])
+        event("rejected" if isinstance(expected, str) else "accepted")
+        if isinstance(expected, str):
+            assert isinstance(outcome, PayloadError)
+            assert outcome.message == expected
+        else:
+            assert outcome is None
+
+
+def _finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in ``value``."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def _read_answer(body: bytes) -> EtlError | None:
@@ -344,6 +382,7 @@ def test_values_mysql_cannot_hold_fail_their_chat_alone_on_every_database(
 _serial = itertools.count(1)
 
 
+@SLOW  # 25 syncs into a server database
 @settings(
     max_examples=ROUND_TRIP_EXAMPLES,
     deadline=None,

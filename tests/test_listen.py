@@ -4,7 +4,6 @@ reconciled once, nothing lost and nothing twice, whatever the gateway does."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from etl.schema import chat_events, chat_members, discovered_chats, pushed_event
 from etl.simulator import Simulator, StreamGateway, World
 from etl.sync import reconcile, run_sync
 from tests.conftest import APP_KEY, APP_SECRET, sample_world
+from tests.helpers import wait_for
 
 CHATS = ["chat-a", "chat-b", "chat-c"]
 # Short enough for tests, long enough that a burst of events on a chat shares one reconcile.
@@ -27,15 +27,8 @@ RECONCILE_DELAY = 0.3
 
 
 def until(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    """Poll ``predicate`` until it returns something true; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
+    """``wait_for`` with the predicate first, as these tests read best."""
+    return wait_for(what, predicate, timeout)
 
 
 def table(url: URL, name: Any, *order: Any) -> list[dict[str, Any]]:

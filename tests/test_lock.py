@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,60 +12,35 @@ from sqlalchemy.engine import URL
 
 from etl.simulator import Simulator, World
 from etl.sync import run_sync
-from tests.conftest import APP_KEY, APP_SECRET, MakeConfig
-from tests.helpers import rows
+from tests.conftest import MakeConfig
+from tests.helpers import clean_env, rows, wait_for, write_config
 
 CLI = [sys.executable, "-m", "etl"]
 
 
-def write_config(tmp_path: Path, db: URL, base_url: str, chatids: list[str]) -> Path:
-    path = tmp_path / "config.toml"
-    ids = ", ".join(f'"{c}"' for c in chatids)
-    path.write_text(
-        f"""
-[dingtalk]
-base_url = "{base_url}"
-app_key = "{APP_KEY}"
-app_secret = "{APP_SECRET}"
-max_attempts = 2
-
-[database]
-url = "{db.render_as_string(hide_password=False)}"
-
-[sync]
-chatids = [{ids}]
-concurrency = 1
-
-[logging]
-level = "WARNING"
-""",
-        encoding="utf-8",
+def first_running_run(db: URL) -> dict[str, object]:
+    running = wait_for(
+        "the first sync to start its run",
+        lambda: [r for r in rows(db, "sync_runs") if r["status"] == "running"],
     )
-    path.chmod(0o600)  # it holds app_secret: owner-only, or the loader warns on stderr
-    return path
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("DINGTALK")}
-
-
-def wait_for_running_row(db: URL, timeout: float = 20.0) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        running = [r for r in rows(db, "sync_runs") if r["status"] == "running"]
-        if running:
-            return running[0]
-        time.sleep(0.05)
-    raise AssertionError("the first sync never started its run")
+    return running[0]
 
 
 def test_second_sync_exits_75_at_once_and_leaves_no_row(
     db_url: URL, simulator: Simulator, world: World, tmp_path: Path
 ) -> None:
-    config = write_config(tmp_path, db_url, simulator.base_url, ["chat-a", "chat-b"])
-    # Keeps the first run, and its lock, busy far longer than the second needs to start,
-    # however loaded the machine is; the first is killed once the second has answered.
-    world.inject("chat-a", "slow:30")
+    # The first run waits on a 60 s answer (its timeout is longer), which keeps it and its
+    # lock busy far longer than the second needs to start, however loaded the machine is;
+    # the first is killed once the second has answered.
+    config = write_config(
+        tmp_path,
+        db_url,
+        simulator.base_url,
+        ["chat-a", "chat-b"],
+        dingtalk={"timeout_seconds": 90},
+        sync={"concurrency": 1},
+    )
+    world.inject("chat-a", "slow:60")
     first = subprocess.Popen(
         [*CLI, "--config", str(config), "sync"],
         env=clean_env(),
@@ -74,14 +48,14 @@ def test_second_sync_exits_75_at_once_and_leaves_no_row(
         stderr=subprocess.DEVNULL,
     )
     try:
-        holder = wait_for_running_row(db_url)
+        holder = first_running_run(db_url)
         started = time.monotonic()
         second = subprocess.run(
             [*CLI, "--config", str(config), "sync"],
             env=clean_env(),
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=60,
         )
         elapsed = time.monotonic() - started
         still_running = first.poll() is None
@@ -96,7 +70,9 @@ def test_second_sync_exits_75_at_once_and_leaves_no_row(
     )
     assert second.stderr.rstrip().endswith("; nothing was done")
     assert second.stdout == ""
-    assert elapsed < 15  # "at once": it does not wait for the lock (startup included)
+    # "At once": it does not wait for the lock. Startup is included, which takes seconds on a
+    # loaded machine; a wait would last until the first is killed.
+    assert elapsed < 30
     assert [(r["id"], r["status"]) for r in rows(db_url, "sync_runs")] == [
         (holder["id"], "running")
     ]
@@ -105,7 +81,9 @@ def test_second_sync_exits_75_at_once_and_leaves_no_row(
 def test_killed_run_is_marked_abandoned_by_the_next(
     db_url: URL, simulator: Simulator, world: World, tmp_path: Path, make_config: MakeConfig
 ) -> None:
-    config = write_config(tmp_path, db_url, simulator.base_url, ["chat-a", "chat-b"])
+    config = write_config(
+        tmp_path, db_url, simulator.base_url, ["chat-a", "chat-b"], sync={"concurrency": 1}
+    )
     world.inject("chat-b", "slow:5")
     victim = subprocess.Popen(
         [*CLI, "--config", str(config), "sync"],
@@ -114,11 +92,9 @@ def test_killed_run_is_marked_abandoned_by_the_next(
         stderr=subprocess.DEVNULL,
     )
     try:
-        row = wait_for_running_row(db_url)
+        row = first_running_run(db_url)
         # Let it write chat-a, then kill it while it waits on chat-b.
-        deadline = time.monotonic() + 10
-        while not rows(db_url, "sync_run_items") and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for("chat-a to be written", lambda: rows(db_url, "sync_run_items"))
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
     finally:

@@ -37,8 +37,8 @@ from etl.output import write_text_atomic
 from etl.simulator import Simulator, errmsg_for
 from etl.sync import run_sync
 from tests.conftest import APP_KEY, APP_SECRET
-from tests.helpers import rows
-from tests.test_schedule import StartSchedule, schedule_processes, wait_until, write_config
+from tests.helpers import rows, wait_for, write_config
+from tests.test_schedule import SCHEDULE_LOG, StartSchedule, schedule_processes
 
 CHECK = "0f1e2d3c-4b5a-6978-8a9b-aabbccddeeff"  # the secret part of a ping URL
 WRONG_SECRET = "wrong-secret-0123456789"
@@ -388,9 +388,10 @@ def test_each_scheduled_run_pings_and_writes_metrics(
         ["chat-a"],
         schedule={"interval_seconds": 1, "run_on_start": True},
         monitoring={"healthcheck_url": pings.url, "metrics_file": "etl.prom"},
+        logging=SCHEDULE_LOG,
     )
     process = start_schedule(config)
-    wait_until("two runs reported", lambda: pings.paths().count(f"/{CHECK}") >= 2)
+    wait_for("two runs reported", lambda: pings.paths().count(f"/{CHECK}") >= 2)
     code, _ = process.stop()
 
     assert code == 0

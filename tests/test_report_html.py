@@ -23,7 +23,8 @@ from etl.db import create_db_engine
 from etl.report_html import render, render_audit
 from etl.simulator import SimChat, Simulator, World
 from etl.sync import run_sync
-from tests.conftest import APP_KEY, APP_SECRET, IN_CI, MakeConfig
+from tests.conftest import APP_KEY, APP_SECRET, MakeConfig
+from tests.helpers import IN_CI
 from tests.report_scenario import Scenario, build_scenario
 
 UTC = ZoneInfo("UTC")

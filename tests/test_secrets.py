@@ -31,9 +31,10 @@ from etl.config import load_config
 from etl.errors import EtlError
 from etl.simulator import SimChat, Simulator, World
 from etl.sync import run_sync
-from tests.conftest import APP_KEY, APP_SECRET, fresh_database, migrated
+from tests.conftest import APP_KEY, APP_SECRET
 from tests.faults.checks import load_tables
-from tests.faults.conftest import Launcher, clean_env, write_config
+from tests.faults.conftest import Launcher
+from tests.helpers import clean_env, fresh_database, migrated, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Characters that need URL-encoding, so both spellings are searched for.
@@ -107,24 +108,22 @@ def test_nothing_a_faulty_run_produces_contains_a_secret(
     try:
         with Simulator(world) as sim:
             config = write_config(
-                tmp_path / "config.toml",
+                tmp_path,
                 pg_password_url,
                 sim.base_url,
                 ["chat-a", "chat-b", "chat-c", "chat-x", "chat-bad"],
-                app_key=APP_KEY,
-                app_secret=APP_SECRET,
                 logging={"level": "DEBUG", "format": "json"},
                 dingtalk={"max_attempts": 2},
                 sync={"concurrency": 2},
             )
             # The same settings from the environment, as a container would pass them.
             env_config = write_config(
-                tmp_path / "env-config.toml",
+                tmp_path,
                 make_url("sqlite:///unused.db"),
                 sim.base_url,
                 ["chat-a"],
-                app_key=APP_KEY,
                 app_secret="placeholder-in-file",
+                name="env-config.toml",
                 logging={"level": "DEBUG"},
             )
             env = {
@@ -204,13 +203,7 @@ def test_unreachable_database_error_hides_the_password(
     # Port 1 on loopback: nothing listens, the driver fails with its own message.
     url = make_url(f"{scheme}://etl:{quote(DB_PASSWORD, safe='')}@127.0.0.1:1/etl")
     config = write_config(
-        tmp_path / "config.toml",
-        url,
-        "http://127.0.0.1:9",
-        ["chat-a"],
-        app_key=APP_KEY,
-        app_secret=APP_SECRET,
-        logging={"level": "DEBUG"},
+        tmp_path, url, "http://127.0.0.1:9", ["chat-a"], logging={"level": "DEBUG"}
     )
     result = CliRunner().invoke(cli, ["--config", str(config), *command], env=_cli_env())
 
@@ -222,7 +215,7 @@ def test_unreachable_database_error_hides_the_password(
 def test_exceptions_and_their_causes_hide_the_password(tmp_path: Path) -> None:
     url = make_url(f"postgresql://etl:{quote(DB_PASSWORD, safe='')}@127.0.0.1:1/etl")
     config_path = write_config(
-        tmp_path / "config.toml", url, "http://127.0.0.1:9", ["c"], app_key="k", app_secret="s1234"
+        tmp_path, url, "http://127.0.0.1:9", ["c"], app_key="k", app_secret="s1234"
     )
     with pytest.raises(EtlError) as caught:
         run_sync(load_config(config_path, environ={}))
@@ -320,15 +313,7 @@ def test_tls_certificates_are_verified(
     self_signed_https: tuple[str, list[str]], sqlite_url: URL, tmp_path: Path
 ) -> None:
     base_url, served = self_signed_https
-    path = write_config(
-        tmp_path / "config.toml",
-        sqlite_url,
-        base_url,
-        ["chat-a"],
-        app_key=APP_KEY,
-        app_secret=APP_SECRET,
-        dingtalk={"max_attempts": 1},
-    )
+    path = write_config(tmp_path, sqlite_url, base_url, ["chat-a"], dingtalk={"max_attempts": 1})
     result = run_sync(load_config(path, environ={}))
 
     assert (result.status, result.exit_code) == ("failed", 3)
@@ -387,12 +372,7 @@ def test_config_readable_by_others_is_warned_about(
 
 def test_cli_warns_on_stderr_about_an_exposed_config(tmp_path: Path, sqlite_url: URL) -> None:
     path = write_config(
-        tmp_path / "config.toml",
-        sqlite_url,
-        "http://127.0.0.1:9",
-        ["c"],
-        app_key=APP_KEY,
-        app_secret=APP_SECRET,
+        tmp_path, sqlite_url, "http://127.0.0.1:9", ["c"], logging={"level": "WARNING"}
     )
     path.chmod(0o644)
     result = CliRunner().invoke(cli, ["--config", str(path), "db", "upgrade"], env=_cli_env())

@@ -22,7 +22,7 @@ from etl.db import create_db_engine
 from etl.monitoring import format_duration, parse_duration
 from etl.schema import sync_run_items, sync_runs
 from etl.simulator import Simulator
-from tests.test_schedule import write_config
+from tests.helpers import write_config
 
 HOUR = 3600.0
 DURATION_ERROR = (

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import re
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy.engine import URL
 
+from etl import reports
+from etl.db import create_db_engine
 from etl.logs import configure_logging
 from etl.simulator import SimChat, Simulator, World
 from etl.sync import run_sync
@@ -93,17 +97,21 @@ def test_membership_at_time_t_from_events(
     world.remove_members("chat-a", ["u1"])
     run_sync(config)
     evs = events(db_url, chatid="chat-a")
-    cut = max(e["observed_at"] for e in evs if e["is_baseline"])
+    first_run = max(e["observed_at"] for e in evs if e["is_baseline"])
+    second_run = max(e["observed_at"] for e in evs)
 
-    def members_at(t: object) -> set[str]:
-        latest: dict[str, str] = {}
-        for e in evs:
-            if e["userid"] and e["observed_at"] <= t:  # type: ignore[operator]
-                latest[e["userid"]] = e["event_type"]
-        return {u for u, kind in latest.items() if kind == "member_joined"}
+    # The report's own as-of query, which reads the events alone.
+    engine = create_db_engine(db_url)
+    try:
 
-    assert members_at(cut) == {"u1", "u2", "u3"}
-    assert members_at(max(e["observed_at"] for e in evs)) == {"u2", "u3"}
+        def members_at(at: dt.datetime) -> set[str]:
+            report = reports.members(engine, "chat-a", as_of=at, tz=ZoneInfo("UTC"))
+            return {row["userid"] for row in report.rows}
+
+        assert members_at(first_run) == {"u1", "u2", "u3"}
+        assert members_at(second_run) == {"u2", "u3"}
+    finally:
+        engine.dispose()
 
 
 def test_attribute_changes_record_old_and_new_text(

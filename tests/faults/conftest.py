@@ -1,4 +1,4 @@
-"""Fixtures of the fault-injection suite: real sync processes and configuration files."""
+"""Fixtures of the fault-injection suite: real sync processes."""
 
 from __future__ import annotations
 
@@ -13,58 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy.engine import URL
+
+from tests.helpers import clean_env
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def clean_env() -> dict[str, str]:
-    """This process's environment without any DINGTALK_* override."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("DINGTALK")}
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    # A JSON string or list of strings is a valid TOML basic string or array.
-    return json.dumps(value)
-
-
-def write_config(
-    path: Path,
-    db: URL,
-    base_url: str,
-    chatids: list[str],
-    *,
-    app_key: str,
-    app_secret: str,
-    **sections: dict[str, Any],
-) -> Path:
-    """A config file as an operator writes it; ``sections`` add or override keys."""
-    settings: dict[str, dict[str, Any]] = {
-        "dingtalk": {
-            "base_url": base_url,
-            "app_key": app_key,
-            "app_secret": app_secret,
-            "max_requests_per_second": 1000,
-            "max_attempts": 3,
-            "timeout_seconds": 5,
-        },
-        "database": {"url": db.render_as_string(hide_password=False)},
-        "sync": {"chatids": chatids, "concurrency": 4},
-        "logging": {"level": "WARNING"},
-    }
-    for section, values in sections.items():
-        settings.setdefault(section, {}).update(values)
-    text = "\n".join(
-        f"[{section}]\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in values.items())
-        for section, values in settings.items()
-    )
-    path.write_text(text, encoding="utf-8")
-    path.chmod(0o600)  # it holds app_secret
-    return path
 
 
 class Launcher:

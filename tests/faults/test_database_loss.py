@@ -31,10 +31,9 @@ from etl.config import Config, load_config
 from etl.lock import PG_LOCK_KEY
 from etl.simulator import SimChat, Simulator, World
 from etl.sync import RunResult, run_sync
-from tests.conftest import APP_KEY, APP_SECRET, MakeConfig, fresh_database, migrated
+from tests.conftest import APP_KEY, APP_SECRET, MakeConfig
 from tests.faults.checks import audit_problems, world_problems, world_state
-from tests.faults.conftest import write_config
-from tests.helpers import rows
+from tests.helpers import fresh_database, migrated, rows, wait_for, write_config
 
 CHATS = ["chat-a", "chat-b", "chat-c"]
 
@@ -78,16 +77,6 @@ def _in_thread(action: Callable[[], RunResult]) -> Iterator[dict[str, RunResult]
         assert not worker.is_alive(), "the run did not end"
 
 
-def _wait_until(condition: Callable[[], object], timeout: float = 20.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("timed out waiting")
-
-
 # -- PostgreSQL --------------------------------------------------------------------------------
 
 
@@ -129,7 +118,10 @@ def test_pg_connection_killed_mid_write_rolls_the_chat_back(
                     "SELECT pid FROM pg_stat_activity WHERE datname = :db"
                     " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
                 )
-                pid = _wait_until(lambda: killer.execute(query, {"db": pg_url.database}).scalar())
+                pid = wait_for(
+                    "the writer to block on chat-b's row",
+                    lambda: killer.execute(query, {"db": pg_url.database}).scalar(),
+                )
                 killer.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
             blocker.rollback()
         result = out["result"]
@@ -174,7 +166,7 @@ def test_pg_sessions_killed_between_writes_stop_the_run_before_it_writes_unlocke
         _change_everything(world)
         world.inject("chat-b", "slow:2")  # the run waits on the API with idle connections
         with _autocommit(pg_admin) as killer, _in_thread(lambda: run_sync(config)) as out:
-            _wait_until(lambda: len(rows(pg_url, "sync_run_items")) == 4)  # chat-a written
+            wait_for("chat-a to be written", lambda: len(rows(pg_url, "sync_run_items")) == 4)
             killed = killer.execute(
                 text(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
@@ -185,7 +177,9 @@ def test_pg_sessions_killed_between_writes_stop_the_run_before_it_writes_unlocke
             # The lock goes with its session (once the backend has exited): another sync
             # could start now.
             try_lock = text("SELECT pg_try_advisory_lock(:k)")
-            _wait_until(lambda: killer.execute(try_lock, {"k": PG_LOCK_KEY}).scalar())
+            wait_for(
+                "the lock to be free", lambda: killer.execute(try_lock, {"k": PG_LOCK_KEY}).scalar()
+            )
             killer.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PG_LOCK_KEY})
         result = out["result"]
         assert killed >= 2  # the lock's session and the writer's pooled connection
@@ -227,12 +221,10 @@ def _exclusive(database: Path) -> Iterator[None]:
 
 def _sqlite_config(folder: Path, db: URL, base_url: str, busy_timeout: float) -> Config:
     path = write_config(
-        folder / "config.toml",
+        folder,
         db,
         base_url,
         CHATS,
-        app_key=APP_KEY,
-        app_secret=APP_SECRET,
         database={"busy_timeout_seconds": busy_timeout},
         sync={"concurrency": 1},
     )
@@ -247,11 +239,15 @@ def test_sqlite_writer_waits_for_a_short_lock(
         config = _sqlite_config(tmp_path, sqlite_url, sim.base_url, 5.0)
         run_sync(config)
         _change_everything(world)
-        world.inject("chat-b", "slow:0.5")
+        world.inject("chat-b", "slow:2")
         with _in_thread(lambda: run_sync(config)) as out:
-            _wait_until(lambda: len(rows(sqlite_url, "sync_run_items")) == 4)
+            wait_for("chat-a to be written", lambda: len(rows(sqlite_url, "sync_run_items")) == 4)
             with _exclusive(sqlite_file):
-                time.sleep(1.0)  # well under the 5 s busy timeout
+                # Taken while chat-b's answer is on its way, held until a second after it was
+                # sent: chat-b's writer waits about a second, well under the 5 s busy timeout.
+                wait_for("chat-b's request", lambda: world.stats.requests_by_chat["chat-b"] == 2)
+                answered = world.stats.arrivals("/chat/get")[-1] + 2  # one fetcher: chat-b's
+                time.sleep(max(0.0, answered + 1 - time.monotonic()))
         result = out["result"]
 
     assert (result.status, result.chats_changed) == ("succeeded", 3)
@@ -268,12 +264,12 @@ def test_sqlite_lock_held_past_the_busy_timeout_fails_the_run_and_loses_nothing(
         run_sync(config)
         before = {t: rows(sqlite_url, t) for t in ("chats", "chat_members", "chat_events")}
         _change_everything(world)
-        world.inject("chat-b", "slow:0.5")
+        world.inject("chat-b", "slow:2")  # the lock is taken while its answer is on its way
         started = time.monotonic()
         with _in_thread(lambda: run_sync(config)) as out:
-            _wait_until(lambda: len(rows(sqlite_url, "sync_run_items")) == 4)
+            wait_for("chat-a to be written", lambda: len(rows(sqlite_url, "sync_run_items")) == 4)
             with _exclusive(sqlite_file):
-                _wait_until(lambda: "result" in out)  # held until the run has given up
+                wait_for("the run to give up", lambda: "result" in out)
         result = out["result"]
         elapsed = time.monotonic() - started
 
@@ -283,7 +279,7 @@ def test_sqlite_lock_held_past_the_busy_timeout_fails_the_run_and_loses_nothing(
             ": OperationalError: database is locked;"
             " and database error while finishing the run: OperationalError: database is locked"
         )
-        assert elapsed < 10  # two waits of 0.3 s, not of the 30 s default
+        assert elapsed < 15  # a 2 s answer and two waits of 0.3 s, not of the 30 s default
         after = {t: rows(sqlite_url, t) for t in ("chats", "chat_members", "chat_events")}
         for table in after:
             assert [r for r in after[table] if r["chatid"] != "chat-a"] == [

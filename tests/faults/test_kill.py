@@ -21,8 +21,8 @@ from sqlalchemy.engine import URL
 
 from etl.simulator import Simulator, World
 from tests.faults.checks import audit_problems, world_problems, world_state
-from tests.faults.conftest import REPO, Launcher, clean_env, write_config
-from tests.helpers import rows
+from tests.faults.conftest import REPO, Launcher
+from tests.helpers import clean_env, rows, write_config
 
 # A run of this world takes 0.3-1.2 s (30 chats, ~1,500 memberships, 20 ms per answer, two
 # fetchers). A quarter of the kills come at a random time after the process starts (often
@@ -73,7 +73,8 @@ def _final_sync(config: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     "kills",
     [
-        pytest.param(6, id="6-kills"),
+        # Minutes rather than seconds when the machine is busy: past the default timeout.
+        pytest.param(6, id="6-kills", marks=pytest.mark.timeout(600)),
         pytest.param(30, id="30-kills", marks=[pytest.mark.slow, pytest.mark.timeout(600)]),
     ],
 )
@@ -87,7 +88,7 @@ def test_killed_runs_lose_nothing(
     killed_running: set[int] = set()
     with Simulator(world) as sim:
         config = write_config(
-            tmp_path / "config.toml",
+            tmp_path,
             db_url,
             sim.base_url,
             world.chatids(),

@@ -128,9 +128,7 @@ def test_time_budget_stops_a_run_the_network_keeps_slow(
             world.chatids(),
             sync={"concurrency": 1, "run_budget_seconds": 1.5},
         )
-        started = time.monotonic()
         result = run_sync(config)
-        elapsed = time.monotonic() - started
         world.clear_faults()
 
         done = result.chats_succeeded
@@ -138,8 +136,11 @@ def test_time_budget_stops_a_run_the_network_keeps_slow(
         assert result.error == "time budget of 1.5 s exceeded"
         assert 2 <= done < 12
         assert result.chats_failed == 0
-        # Stopped within the chat in hand (0.4 s) of the budget, not after 12 x 0.4 s.
-        assert elapsed < 1.5 + 0.4 + 1.0
+        # Stopped within the chat in hand (0.4 s) of the budget, not after 12 x 0.4 s: by the
+        # simulator's request log, which the run's start-up on a loaded machine does not skew.
+        fetched = world.stats.arrivals("/chat/get")
+        assert len(fetched) == done
+        assert fetched[-1] - fetched[0] < 1.5 + 0.4
         run = rows(db_url, "sync_runs")[-1]
         assert (run["status"], run["error"]) == ("partial", "time budget of 1.5 s exceeded")
         assert len(rows(db_url, "sync_run_items")) == done  # chats not reached: no item

@@ -9,7 +9,6 @@ without a single chat/get.
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from sqlalchemy.engine import URL
@@ -18,7 +17,7 @@ from etl.simulator import Simulator
 from etl.sync import RunResult, run_sync
 from tests.conftest import MakeConfig
 from tests.faults.checks import audit_problems, numbered_world, world_problems, world_state
-from tests.helpers import rows
+from tests.helpers import rows, wait_for
 
 MAX_ATTEMPTS = 3
 
@@ -26,10 +25,11 @@ MAX_ATTEMPTS = 3
 def test_token_expiring_every_few_hundred_milliseconds(
     db_url: URL, make_config: MakeConfig
 ) -> None:
-    # DingTalk says expires_in=1 (whole seconds) for a token that lives 0.3 s: the client
-    # cannot refresh early and meets 42001 again and again.
-    # 40 chats, two at a time, 60 ms each: about 1.2 s of calls, four lifetimes or more.
-    world = numbered_world(40, token_ttl_seconds=0.3, latency_ms=60)
+    # DingTalk says expires_in=1 (whole seconds) for a token that lives 0.8 s: the client,
+    # which refreshes at 0.9 s, cannot refresh early and meets 42001 again and again. A fresh
+    # token outlives a request by far, even on a busy machine.
+    # 80 chats, two at a time, 60 ms each: about 2.4 s of calls, three lifetimes or more.
+    world = numbered_world(80, token_ttl_seconds=0.8, latency_ms=60)
     with Simulator(world) as sim:
         config = make_config(db_url, sim.base_url, world.chatids(), sync={"concurrency": 2})
         result = run_sync(config)
@@ -40,7 +40,7 @@ def test_token_expiring_every_few_hundred_milliseconds(
     assert stats.tokens_issued >= 3  # it did expire, more than once
     assert result.api_calls == stats.total_requests == stats.gettoken_calls + chat_gets
     # Each 42001 cost one resent chat/get, counted as a retry (a refresh is a new fetch).
-    assert result.retries == chat_gets - 40 >= stats.tokens_issued - 1
+    assert result.retries == chat_gets - 80 >= stats.tokens_issued - 1
     assert world_problems(db_url, world_state(world)) == []
     assert audit_problems(db_url) == []
 
@@ -115,7 +115,7 @@ def test_gettoken_answering_minus_1(
 
 def test_refresh_mid_run_meets_a_busy_gettoken(sqlite_url: URL, make_config: MakeConfig) -> None:
     world = numbered_world(4)
-    world.inject("chat-01", "slow:0.5")
+    world.inject("chat-01", "slow:2")  # time enough to react to its arrival, however loaded
     with Simulator(world) as sim:
         config = make_config(sqlite_url, sim.base_url, world.chatids(), sync={"concurrency": 1})
         out: dict[str, RunResult] = {}
@@ -123,9 +123,7 @@ def test_refresh_mid_run_meets_a_busy_gettoken(sqlite_url: URL, make_config: Mak
         worker.start()
         # While chat-01's answer is on its way, its token expires (42001), and the refresh
         # meets a busy gettoken once.
-        deadline = time.monotonic() + 10
-        while world.stats.requests_by_chat["chat-01"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for("chat-01's request", lambda: world.stats.requests_by_chat["chat-01"])
         world.inject("@gettoken", "errcode:-1")
         world.expire_token()
         worker.join(timeout=30)
