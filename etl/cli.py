@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from zoneinfo import ZoneInfo
 
 import click
@@ -471,46 +471,27 @@ def simulate(
     """
     if scenario is not None and generate is not None:
         raise click.UsageError("--scenario and --generate are alternatives; give one")
-    try:
-        if generate is not None:
-            world = World.generate(generate, seed=seed, max_members=max_members)
-        else:
-            world = World.from_scenario(scenario) if scenario else demo_world()
-    except (OSError, ValueError) as exc:
-        _fail(str(exc), ExitCode.CONFIG)
+    world = _simulated_world(scenario, generate, seed, max_members)
     if rate_limit is not None:
         world.rate_limit = rate_limit
     if latency_ms is not None:
         world.latency_ms = latency_ms
     mutated = world.mutate(mutate_share, seed=mutate_seed) if mutate_share else 0
-    sim = Simulator(world, host=host, port=port)
-    try:
-        sim.start()
-    except OSError as exc:
-        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", ExitCode.FAILED)
     if stream_port is None:
         # A free port for both when the caller asked for one: a fixed default would make
         # parallel simulators collide.
         stream_port = 0 if port == 0 else 8766
+    sim = _serving(lambda: Simulator(world, host=host, port=port).start(), host, port)
     try:
-        gateway = StreamGateway(world, host=stream_host, port=stream_port).start()
-    except OSError as exc:
-        sim.stop()
-        _fail(
-            f"cannot listen on {stream_host}:{stream_port}: {exc.strerror or exc}",
-            ExitCode.FAILED,
+        gateway = _serving(
+            lambda: StreamGateway(world, host=stream_host, port=stream_port).start(),
+            stream_host,
+            stream_port,
         )
-    memberships = sum(len(chat.useridlist) for chat in world.chats.values())
-    click.echo(
-        f"DingTalk simulator on {sim.base_url} ({len(world.chats)} chats, "
-        f"{memberships} memberships)"
-    )
-    click.echo(f"  app_key = {world.app_key!r}  app_secret = {world.app_secret!r}")
-    click.echo(
-        "  chatids: "
-        + ", ".join(sorted(world.chats)[:8])
-        + (" ..." if len(world.chats) > 8 else "")
-    )
+    except SystemExit:
+        sim.stop()
+        raise
+    _announce(world, sim, gateway)
     if mutated:
         click.echo(f"  changed {mutated} chats (--mutate {mutate_share}, seed {mutate_seed})")
     if world.rate_limit or world.latency_ms:
@@ -527,6 +508,43 @@ def simulate(
     sim.stop()
     stats = world.stats
     click.echo(f"served {stats.total_requests} requests, {stats.throttled} throttled")
+
+
+def _simulated_world(
+    scenario: Path | None, generate: int | None, seed: int, max_members: int
+) -> World:
+    """The world `simulate` serves: generated, from a scenario file, or the demo's."""
+    try:
+        if generate is not None:
+            return World.generate(generate, seed=seed, max_members=max_members)
+        return World.from_scenario(scenario) if scenario else demo_world()
+    except (OSError, ValueError) as exc:
+        _fail(str(exc), ExitCode.CONFIG)
+
+
+_Server = TypeVar("_Server")
+
+
+def _serving(start: Callable[[], _Server], host: str, port: int) -> _Server:
+    """A started server, or exit 3 saying which address could not be listened on."""
+    try:
+        return start()
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", ExitCode.FAILED)
+
+
+def _announce(world: World, sim: Simulator, gateway: StreamGateway) -> None:
+    memberships = sum(len(chat.useridlist) for chat in world.chats.values())
+    click.echo(
+        f"DingTalk simulator on {sim.base_url} ({len(world.chats)} chats, "
+        f"{memberships} memberships)"
+    )
+    click.echo(f"  app_key = {world.app_key!r}  app_secret = {world.app_secret!r}")
+    click.echo(
+        "  chatids: "
+        + ", ".join(sorted(world.chats)[:8])
+        + (" ..." if len(world.chats) > 8 else "")
+    )
 
 
 @cli.command(context_settings=CONTEXT)

@@ -7,11 +7,13 @@ is given as plain data (``StoredChat``), so it may come from the tables or from 
 a chat's log alike.
 
 It runs on the writer's hot path (chats of 10,000 members, batches of 2,000 chats): the work
-per member is a set operation and a plain tuple, nothing more.
+per member is a set operation and a sort, nothing more. Member events stay lists of userids
+until the writer turns them into rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,8 +23,9 @@ from etl.normalize import ATTRIBUTE_FIELDS, STATUS_DISMISSED, AttrValue, ChatRec
 
 # A ``chat_events`` row's own values, in this order:
 # (event_type, userid, field, old_value, new_value, is_baseline).
-# A plain tuple, not a class: a new chat has one per member.
 Event = tuple[str, str | None, str | None, str | None, str | None, bool]
+# An ``attribute_changed`` event's (field, old_value, new_value), values as text.
+AttributeChange = tuple[str, str | None, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,28 +47,50 @@ class StoredChat:
 
 @dataclass(frozen=True, slots=True)
 class ChatPlan:
-    """A fetched chat's writes, all at ``observed_at``.
+    """A fetched chat's writes, all at ``observed_at``; userid lists are sorted.
 
-    ``chat_row`` is the ``chats`` row, by column name. ``new_members`` get a
-    ``chat_members`` row joined at ``observed_at``; ``rejoined`` former members have theirs
-    re-opened (``joined_at`` reset, ``left_at`` cleared); ``left`` members have theirs
-    closed. The userid lists are sorted, and ``events`` are in the order they are recorded.
+    ``chat_row`` is the ``chats`` row, by column name. The events, in the order they are
+    recorded (``events`` lists them): ``chat_discovered`` if ``discovered``, then one
+    ``attribute_changed`` per item of ``attribute_changes``, ``member_joined`` for each of
+    ``joined`` (the baseline if ``discovered``), ``member_left`` for each of ``left``.
+
+    Of the ``joined``, ``new_members`` get a ``chat_members`` row and ``rejoined`` former
+    members have theirs re-opened (``joined_at`` reset, ``left_at`` cleared); the ``left``
+    have theirs closed.
     """
 
     chatid: str
     observed_at: dt.datetime
     chat_row: dict[str, Any]
+    discovered: bool
+    attribute_changes: Sequence[AttributeChange]
+    joined: Sequence[str]
+    left: Sequence[str]
     new_members: Sequence[str]
     rejoined: Sequence[str]
-    left: Sequence[str]
-    events: Sequence[Event]
-    # (userid, joined_at, left_at) of members whose row the log sets (``explain``).
+    # (userid, joined_at, left_at) of members whose row the log sets (``explain``); written
+    # after the other member writes, so these win.
     member_states: Sequence[tuple[str, dt.datetime, dt.datetime | None]] = ()
 
     @property
     def changed(self) -> bool:
-        """Whether the fetch changed anything the contract records: it wrote an event."""
-        return bool(self.events)
+        """Whether the fetch changed anything the contract records: it has an event."""
+        return self.discovered or bool(self.attribute_changes or self.joined or self.left)
+
+    @property
+    def events(self) -> list[Event]:
+        """The plan's ``chat_events`` rows, in the order they are recorded."""
+        events: list[Event] = []
+        if self.discovered:
+            events.append(("chat_discovered", None, None, None, None, False))
+        events.extend(
+            ("attribute_changed", None, name, old, new, False)
+            for name, old, new in self.attribute_changes
+        )
+        baseline = self.discovered
+        events.extend(("member_joined", u, None, None, None, baseline) for u in self.joined)
+        events.extend(("member_left", u, None, None, None, False) for u in self.left)
+        return events
 
 
 def attr_text(value: AttrValue) -> str | None:
@@ -78,8 +103,8 @@ def plan_chat(record: ChatRecord, stored: StoredChat | None, now: dt.datetime) -
     if stored is None:
         return _discovered(record, now)
     old, new = stored.attributes, record.attributes
-    events: list[Event] = [
-        ("attribute_changed", None, name, attr_text(old[name]), attr_text(new[name]), False)
+    changes = [
+        (name, attr_text(old[name]), attr_text(new[name]))
         for name in ATTRIBUTE_FIELDS
         if old[name] != new[name]
     ]
@@ -95,24 +120,20 @@ def plan_chat(record: ChatRecord, stored: StoredChat | None, now: dt.datetime) -
     # Not a current member, so a known one is a former member: its row is re-opened.
     rejoined = [userid for userid in joined if userid in stored.members]
     new_members = [userid for userid in joined if userid not in stored.members]
-    events.extend(("member_joined", u, None, None, None, False) for u in joined)
-    events.extend(("member_left", u, None, None, None, False) for u in left)
     # Kept from the first observation of status 2; cleared if the chat is ever restored.
     dismissed = record.status == STATUS_DISMISSED
     dismissed_at = (stored.dismissed_at or now) if dismissed else None
-    changed_at = now if events else stored.last_changed_at
-    chat = _chat_row(record, member_count, stored.first_seen_at, now, changed_at, dismissed_at)
-    return ChatPlan(record.chatid, now, chat, new_members, rejoined, left, events)
+    changed_at = now if changes or joined or left else stored.last_changed_at
+    row = _chat_row(record, member_count, stored.first_seen_at, now, changed_at, dismissed_at)
+    return ChatPlan(record.chatid, now, row, False, changes, joined, left, new_members, rejoined)
 
 
 def _discovered(record: ChatRecord, now: dt.datetime) -> ChatPlan:
     """A chat's first successful fetch: its members are the baseline."""
     members = sorted(record.members or ())
-    events: list[Event] = [("chat_discovered", None, None, None, None, False)]
-    events.extend(("member_joined", u, None, None, None, True) for u in members)
     dismissed_at = now if record.status == STATUS_DISMISSED else None
-    chat = _chat_row(record, len(members), now, now, now, dismissed_at)
-    return ChatPlan(record.chatid, now, chat, members, [], [], events)
+    row = _chat_row(record, len(members), now, now, now, dismissed_at)
+    return ChatPlan(record.chatid, now, row, True, [], members, [], members, [])
 
 
 def _chat_row(
@@ -180,16 +201,9 @@ def explain(
     current = _members_after(plan, stored, record, users, member_states)
     if current is not None:
         chat_row["member_count"] = current
-    return ChatPlan(
-        plan.chatid,
-        now,
-        chat_row,
-        [u for u in plan.new_members if u not in users],
-        [u for u in plan.rejoined if u not in users],
-        [u for u in plan.left if u not in users],
-        plan.events,
-        member_states,
-    )
+    # The plan's member writes stay (its rows record the read's differences); the member
+    # states, written after them, settle the users the log speaks of.
+    return dataclasses.replace(plan, chat_row=chat_row, member_states=member_states)
 
 
 # The rows this plan adds sort after every row already logged at the same time.

@@ -108,7 +108,7 @@ class Store:
         self._bulk = BulkWriter(engine.dialect)
         # Converted once: every event row and run item carries one of the two.
         flags = (False, True)
-        self._baseline = {flag: self._bulk.events.bind("is_baseline", flag) for flag in flags}
+        self._is_baseline = {flag: self._bulk.events.bind("is_baseline", flag) for flag in flags}
         self._changed = {flag: self._bulk.items.bind("changed", flag) for flag in flags}
         self._writer: Connection | None = None
 
@@ -221,24 +221,27 @@ class Store:
         rows.rejoins.extend((chatid, userid, now) for userid in plan.rejoined)
         rows.leaves.extend((chatid, userid, now) for userid in plan.left)
         rows.member_states.extend((chatid, *state) for state in plan.member_states)
-        observed_at, baseline = self._bulk.events.bind("observed_at", now), self._baseline
-        # A poll row's change happened when it was observed, as far as anyone knows.
-        occurred_at = self._bulk.events.bind("occurred_at", now)
-        rows.events.extend(
-            (
-                run_id,
-                chatid,
-                observed_at,
-                kind,
-                userid,
-                field,
-                old,
-                new,
-                baseline[is_baseline],
-                "poll",
-                occurred_at,
+        # ``plan.events`` as rows, built from the plan's parts: one tuple per member event,
+        # not two (a new chat has thousands). A poll row's change happened when it was
+        # observed, as far as anyone knows: occurred_at is observed_at.
+        at = self._bulk.events.bind("observed_at", now)
+        poll = ("poll", self._bulk.events.bind("occurred_at", now))
+        not_baseline, joins = self._is_baseline[False], self._is_baseline[plan.discovered]
+        if plan.discovered:
+            rows.events.append(
+                (run_id, chatid, at, "chat_discovered", None, None, None, None, not_baseline, *poll)
             )
-            for kind, userid, field, old, new, is_baseline in plan.events
+        rows.events.extend(
+            (run_id, chatid, at, "attribute_changed", None, name, old, new, not_baseline, *poll)
+            for name, old, new in plan.attribute_changes
+        )
+        rows.events.extend(
+            (run_id, chatid, at, "member_joined", userid, None, None, None, joins, *poll)
+            for userid in plan.joined
+        )
+        rows.events.extend(
+            (run_id, chatid, at, "member_left", userid, None, None, None, not_baseline, *poll)
+            for userid in plan.left
         )
 
 

@@ -298,13 +298,16 @@ def test_two_schedulers_never_sync_at_once(
     tmp_path: Path,
     start_schedule: StartSchedule,
 ) -> None:
-    world.inject("chat-a", *["slow:1"] * 40)  # each run holds the lock for about a second
+    # Each run holds the lock for two seconds and more, long enough for the other instance
+    # to find it taken at the same fire; and ends before the next fire, 6 s later, even on a
+    # busy machine (a run still going at its next fire would skip it).
+    world.inject("chat-a", *["slow:2"] * 40)
     config = write_config(
         tmp_path,
         db_url,
         simulator.base_url,
         ["chat-a", "chat-b"],
-        schedule={"interval_seconds": 3},
+        schedule={"interval_seconds": 6},
         logging=SCHEDULE_LOG,
     )
     first = start_schedule(config, "first")
