@@ -55,11 +55,11 @@ from throughput import (
     UNPACED_RATE,
     BenchError,
     _die_with_parent,
-    _simulator_command,
     databases,
 )
 from throughput import spawn_step as spawn_throughput_step
 
+REPO = Path(__file__).resolve().parent.parent
 # Each chat's share of a burst: ten events, twelve changes, the chat as it was at the end.
 EVENTS_PER_CHAT = 10
 CHANGES_PER_CHAT = 12
@@ -562,9 +562,12 @@ def write_config(path: Path, *, url: str, world: WorldProcess, chats: int, delay
 def listener_process(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """``dingtalk-etl listen`` in a process of its own, logging to ``log``; SIGTERM at the
     end, and it must exit 0."""
+    # This checkout's code, whatever an installed ``dingtalk-etl`` script would import.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     with log.open("ab") as sink:
         proc = subprocess.Popen(
-            [*_simulator_command(), "--config", str(config), "listen"],
+            [sys.executable, "-m", "etl", "--config", str(config), "listen"],
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=sink,
@@ -645,6 +648,7 @@ class DatabaseRun:
     # Listener CPU seconds: the burst (events and their reconciles), the flood after its
     # first RSS sample (events alone).
     burst_cpu: float = 0.0
+    floor_cpu: float = 0.0
     flood_cpu: float = 0.0
     load: list[float] = field(default_factory=list)
     figures: dict[str, float] = field(default_factory=dict)
@@ -689,14 +693,16 @@ def bench_database(kind: str, args: argparse.Namespace, workdir: Path) -> Databa
 
         say(f"floor: {world.info['changes']} events at {args.rate:g}/s, nothing stored")
         opened = world.call("state")["connections_opened"]
-        with floor_process(world.info["gateway_url"]):
+        with floor_process(world.info["gateway_url"]) as proc:
             world.call("connected", after=opened, timeout=60)
+            cpu = cpu_seconds(proc.pid)
             run.floor = world.call(
                 "paced",
                 rate=args.rate,
                 ids_file=str(workdir / "floor.json"),
                 timeout=burst_timeout,
             )
+            run.floor_cpu = cpu_seconds(proc.pid) - cpu
 
         say(f"listener: the same events, reconcile delay {args.reconcile_delay:g} s")
         config = write_config(
@@ -824,9 +830,15 @@ def report(run: DatabaseRun, args: argparse.Namespace) -> bool:
             f"{label:<34}{summary['p50']:>9.1f}{summary['p99']:>9.1f}{summary['max']:>9.1f}"
             f"{data['acked']:>9,}{data['pushed_again']:>14}"
         )
+    fifths = [burst["latencies_ms"][i * events // 5 : (i + 1) * events // 5] for i in range(5)]
+    print(
+        "listen p50/p99 ms by fifth of the burst: "
+        + ", ".join(f"{percentile(part, 0.5):.0f}/{percentile(part, 0.99):.0f}" for part in fifths)
+    )
     print(
         f"listener: last ACK {burst['drain_seconds'] * 1000:.0f} ms after the last push; CPU "
-        f"{run.burst_cpu / events * 1000:.2f} ms per event (its reconciles included)"
+        f"{run.burst_cpu / events * 1000:.2f} ms per event (its reconciles included); "
+        f"floor CPU {run.floor_cpu / floor['events'] * 1000:.2f} ms per event"
     )
     runs = ", ".join(f"{n} {status}" for status, n in sorted(check["reconcile_runs"].items()))
     print(
@@ -907,7 +919,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--rss-databases",
         default=None,
-        help="databases that also run the memory flood (default: all of --databases)",
+        help="databases that also run the memory flood, or none (default: all of --databases)",
     )
     parser.add_argument(
         "--pg-url",
@@ -932,13 +944,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         return listed
 
     args.kinds = kinds(args.databases, "--databases")
-    args.rss_kinds = kinds(args.rss_databases or args.databases, "--rss-databases")
+    rss = args.rss_databases or args.databases
+    args.rss_kinds = [] if rss == "none" else kinds(rss, "--rss-databases")
     return args
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--step"] and len(argv) >= 2:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        sys.path.insert(0, str(REPO))
         spec = json.loads(argv[2] if len(argv) > 2 else sys.stdin.read())
         if argv[1] == "world":
             step_world(spec)
