@@ -8,7 +8,8 @@ own:
   simulator's HTTP front (gettoken, chat/get) and its Stream gateway on 127.0.0.1, and makes
   the changes the benchmark asks for (a paced loop, or a flood), each one a real world change
   with an operator that the gateway turns into a group event;
-- ``dingtalk-etl listen``, started from a config file written here, exactly as deployed;
+- ``dingtalk-etl listen`` (``python -m etl``, this checkout's code) with a config file written
+  here: its own process, as deployed, so that its CPU time and RSS are its own;
 - the *floor*: a minimal Stream client (``--step floor``) that reads each frame with the
   listener's own transport and frame parser and ACKs it at once, without storing anything;
 - one-shot steps (first sync, database checks), each in a child process of its own.
@@ -17,8 +18,8 @@ This parent imports nothing but the standard library (and ``throughput``, which 
 
 Per database: a first sync of the world's chats; the floor's paced burst; the listener's paced
 burst (the same changes at the same rate, on the same gateway), its chat/get calls per chat and
-the events it lost; then a new listener, a flood of events, and its RSS after the first
-``--rss-first`` events and after all of them.
+the events it lost; then (``--rss-databases``, SQLite by default) a new listener, a flood of
+events, and its RSS after the first ``--rss-first`` events and after all of them.
 
     .venv/bin/python bench/events.py                          # sqlite + postgresql
     .venv/bin/python bench/events.py --quick                  # small sizes, a smoke run
@@ -108,11 +109,19 @@ def chat_changes(chatid: str, index: int, owner: str, other: str, name: str) -> 
     ]
 
 
-def expected_changes(event_type: str, data: dict[str, Any]) -> int:
-    """How many ``chat_events`` rows the listener writes for an event of this world."""
+def expected_changes(event_type: str, data: dict[str, Any]) -> list[list[Any]]:
+    """The changes an event of this world describes, as ``chat_events`` says them:
+    ``[event_type, userid, field, new_value]``, one row each."""
     if event_type in ("chat_add_member", "chat_remove_member"):
-        return len(data.get("userId") or ())
-    return 1
+        kind = "member_joined" if event_type == "chat_add_member" else "member_left"
+        return [[kind, u, None, None] for u in data.get("userId") or ()]
+    if event_type == "chat_quit":
+        return [["member_left", data.get("operator"), None, None]]
+    if event_type == "chat_update_title":
+        return [["attribute_changed", None, "name", data.get("title")]]
+    if event_type == "chat_update_owner":
+        return [["attribute_changed", None, "owner_userid", data.get("owner")]]
+    raise ValueError(f"the benchmark makes no {event_type} event")
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -268,7 +277,12 @@ class Driver:
     @staticmethod
     def _write_deliveries(deliveries: list[Any], ids_file: str) -> None:
         entries = [
-            [d.event_id, d.data.get("chatId"), expected_changes(d.event_type, d.data)]
+            [
+                d.event_id,
+                d.data.get("chatId"),
+                d.data.get("timeStamp"),
+                expected_changes(d.event_type, d.data),
+            ]
             for d in deliveries
         ]
         Path(ids_file).write_text(json.dumps(entries))
@@ -361,17 +375,21 @@ def step_floor(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def step_check(spec: dict[str, Any]) -> dict[str, Any]:
-    """Events with no ``pushed_events`` row, changes with no ``chat_events`` row; with
-    ``wait_reconciled``, first wait until every event's chat was reconciled after it."""
-    from sqlalchemy import func, select
+    """Events with no ``pushed_events`` row, changes in no ``chat_events`` row; with
+    ``wait_reconciled``, first wait until every event's chat was reconciled after it.
+
+    A change is recorded when a row of its event says it, or (outcome ``already_recorded``)
+    when a poll row at or after the event's time does: a reconcile read it first."""
+    import datetime as dt
+
+    from sqlalchemy import and_, func, select
 
     from etl.db import create_db_engine
     from etl.eventstore import RECONCILED_OUTCOMES
     from etl.schema import chat_events, pushed_events, sync_runs
 
     entries = json.loads(Path(spec["ids_file"]).read_text())
-    expected = {event_id: changes for event_id, _chatid, changes in entries}
-    ids = list(expected)
+    ids = [entry[0] for entry in entries]
     chunks = [ids[i : i + 500] for i in range(0, len(ids), 500)]
     engine = create_db_engine(spec["url"])
     started = time.monotonic()
@@ -397,16 +415,47 @@ def step_check(spec: dict[str, Any]) -> dict[str, Any]:
                 break
             time.sleep(0.2)
         waited = time.monotonic() - started
-        found: Counter[str] = Counter()
+        rows: Counter[tuple[Any, ...]] = Counter()
         with engine.connect() as conn:
             for chunk in chunks:
-                query = (
-                    select(chat_events.c.event_id, func.count())
-                    .where(chat_events.c.event_id.in_(chunk), chat_events.c.source == "event")
-                    .group_by(chat_events.c.event_id)
-                )
-                for event_id, count in conn.execute(query):
-                    found[event_id] = int(count)
+                query = select(
+                    chat_events.c.event_id,
+                    chat_events.c.event_type,
+                    chat_events.c.userid,
+                    chat_events.c.field,
+                    chat_events.c.new_value,
+                ).where(chat_events.c.event_id.in_(chunk), chat_events.c.source == "event")
+                rows.update(tuple(row) for row in conn.execute(query))
+            as_event = by_poll = missing = 0
+            for event_id, chatid, stamp, changes in entries:
+                for event_type, userid, field_name, new_value in changes:
+                    key = (event_id, event_type, userid, field_name, new_value)
+                    if rows[key] > 0:
+                        rows[key] -= 1
+                        as_event += 1
+                        continue
+                    about = (
+                        chat_events.c.userid == userid
+                        if field_name is None
+                        else and_(
+                            chat_events.c.field == field_name,
+                            chat_events.c.new_value == new_value,
+                        )
+                    )
+                    poll = conn.execute(
+                        select(func.count()).where(
+                            chat_events.c.chatid == chatid,
+                            chat_events.c.source == "poll",
+                            chat_events.c.event_type == event_type,
+                            about,
+                            chat_events.c.occurred_at
+                            >= dt.datetime.fromtimestamp(stamp / 1000, dt.UTC),
+                        )
+                    ).scalar_one()
+                    if poll:
+                        by_poll += 1
+                    else:
+                        missing += 1
             runs = Counter(
                 {
                     status: int(count)
@@ -417,7 +466,7 @@ def step_check(spec: dict[str, Any]) -> dict[str, Any]:
                     )
                 }
             )
-            # Rows the reconciles wrote: none when the events said everything.
+            # Rows the reconciles wrote: none when the events said everything first.
             poll_rows = conn.execute(
                 select(func.count())
                 .select_from(chat_events.join(sync_runs, chat_events.c.run_id == sync_runs.c.id))
@@ -432,9 +481,12 @@ def step_check(spec: dict[str, Any]) -> dict[str, Any]:
         "outcomes": dict(Counter(outcome for outcome, _ in stored.values())),
         "unreconciled": waiting,
         "waited_seconds": waited,
-        "changes_expected": sum(expected.values()),
-        "changes_missing": sum(max(0, n - found[i]) for i, n in expected.items()),
-        "changes_extra": sum(max(0, found[i] - n) for i, n in expected.items()),
+        "changes_expected": as_event + by_poll + missing,
+        "changes_as_event": as_event,
+        "changes_by_poll": by_poll,
+        "changes_missing": missing,
+        # Event rows that no change of their event accounts for (a change written twice).
+        "changes_extra": sum(rows.values()),
         "reconcile_runs": dict(runs),
         "reconcile_rows": int(poll_rows),
     }
@@ -726,7 +778,7 @@ def bench_database(kind: str, args: argparse.Namespace, workdir: Path) -> Databa
             )
             after = world.call("state")
             run.burst_cpu = cpu_seconds(proc.pid) - cpu
-        touched = {chatid for _id, chatid, _n in json.loads(Path(ids_file).read_text())}
+        touched = {entry[1] for entry in json.loads(Path(ids_file).read_text())}
         calls = [
             after["requests_by_chat"].get(c, 0) - before["requests_by_chat"].get(c, 0)
             for c in touched
@@ -784,7 +836,7 @@ def bench_database(kind: str, args: argparse.Namespace, workdir: Path) -> Databa
         lost += run.flood_check["lost"] + run.flood_check["changes_missing"]
     run.figures = {
         "ack_p99_ms": burst_lat["p99"],
-        "calls_per_chat": run.calls["mean"] if run.calls["min"] == run.calls["max"] else math.nan,
+        "calls_per_chat": run.calls["mean"],
         "lost": float(lost),
     }
     if run.rss_kb:
@@ -792,8 +844,11 @@ def bench_database(kind: str, args: argparse.Namespace, workdir: Path) -> Databa
     return run
 
 
-def meets(name: str, value: float) -> bool:
+def meets(name: str, value: float, run: DatabaseRun) -> bool:
     op, target = TARGETS[name]
+    if name == "calls_per_chat":
+        # Every chat exactly once: one chat read twice and one never do not make 1.00.
+        return run.calls["min"] == run.calls["max"] == target
     if op == "<=":
         return value <= target
     return value == target
@@ -850,9 +905,7 @@ def report(run: DatabaseRun, args: argparse.Namespace) -> bool:
     )
     print(
         f"burst: {burst['changes']:,} changes made, {events:,} events created, "
-        f"{check['stored']:,} stored ({_outcomes(check)}); chat_events rows expected "
-        f"{check['changes_expected']:,}, missing {check['changes_missing']}, "
-        f"extra {check['changes_extra']}"
+        f"{check['stored']:,} stored ({_outcomes(check)}); {_changes(check)}"
     )
     if run.flood_check:
         fc = run.flood_check
@@ -861,7 +914,7 @@ def report(run: DatabaseRun, args: argparse.Namespace) -> bool:
         print(
             f"flood: {run.flood['events']:,} events in {run.flood['seconds']:.0f} s "
             f"({rate:.0f}/s, reconciles held off); {fc['stored']:,} stored ({_outcomes(fc)}); "
-            f"chat_events missing {fc['changes_missing']}, extra {fc['changes_extra']}"
+            f"{_changes(fc)}"
         )
         per_event = run.flood_cpu / (args.flood - args.rss_first) * 1000
         print(f"listener CPU {per_event:.2f} ms per event after the first {args.rss_first:,}")
@@ -879,11 +932,19 @@ def report(run: DatabaseRun, args: argparse.Namespace) -> bool:
     print(f"{'figure':<44}{'value':>10}   {'target':<10}")
     for name, value in run.figures.items():
         op, target = TARGETS[name]
-        ok = meets(name, value)
+        ok = meets(name, value, run)
         all_ok &= ok
         shown = f"{value:.2f}" if name != "lost" else f"{value:.0f}"
         print(f"  {labels[name]:<42}{shown:>10}   {op} {target:<7g} {'PASS' if ok else 'FAIL'}")
     return all_ok
+
+
+def _changes(check: dict[str, Any]) -> str:
+    return (
+        f"changes {check['changes_expected']:,}: {check['changes_as_event']:,} in event rows, "
+        f"{check['changes_by_poll']:,} in a reconcile's poll rows (it read them first), "
+        f"{check['changes_missing']} missing, {check['changes_extra']} written twice"
+    )
 
 
 def _outcomes(check: dict[str, Any]) -> str:
@@ -919,7 +980,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--rss-databases",
         default=None,
-        help="databases that also run the memory flood, or none (default: all of --databases)",
+        help="databases that also run the memory flood, or none (default: sqlite)",
     )
     parser.add_argument(
         "--pg-url",
@@ -944,7 +1005,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         return listed
 
     args.kinds = kinds(args.databases, "--databases")
-    rss = args.rss_databases or args.databases
+    # One transaction per event: on PostgreSQL (a WAL flush each) the flood takes half an hour.
+    rss = args.rss_databases or ("sqlite" if "sqlite" in args.kinds else "none")
     args.rss_kinds = [] if rss == "none" else kinds(rss, "--rss-databases")
     return args
 
