@@ -4,12 +4,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest slow bench clean help deps-system
+.PHONY: demo test lint typecheck pytest slow bench bench-events clean help deps-system
 
 help:
 	@echo "make demo   - create .venv, install, run the demo against the bundled simulator"
 	@echo "make test   - create .venv, install test deps, lint, type-check, run all tests"
 	@echo "make bench  - throughput benchmark (see README)"
+	@echo "make bench-events - group-event benchmark of listen (see README)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +55,9 @@ slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
+
+bench-events: $(STAMP)
+	$(BIN)/python bench/events.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo.db demo.db-* demo.db.lock

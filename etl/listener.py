@@ -42,7 +42,7 @@ from etl.events import (
     parse_event,
     parse_frame,
 )
-from etl.eventstore import EventStore, ListenerLog
+from etl.eventstore import EventStore, ListenerLog, Recorded
 from etl.reconciler import Reconciler
 from etl.stream import StreamSocket, StreamUnavailable, open_connection
 
@@ -52,6 +52,10 @@ log = structlog.get_logger("etl.listener")
 _POLL_SECONDS: Final = 0.2
 # How often the listener's row (status) is brought up to date while nothing else changes it.
 HEARTBEAT_SECONDS: Final = 5.0
+# Event ids this listener stored (or found stored) lately. DingTalk pushes an event again when
+# its ACK did not come in time, which is when the listener is behind: a redelivery of one of
+# these is ACKed without a transaction to find out what this process already knows.
+RECENT_EVENT_IDS: Final = 10_000
 _BACKOFF_BASE: Final = 0.5
 _BACKOFF_MAX: Final = 30.0
 
@@ -92,6 +96,8 @@ class Listener:
         self._on_event = on_event or (lambda _chatid: None)
         self._on_stats = on_stats or (lambda _stats: None)
         self._synced = set(config.chatids)
+        # Insertion-ordered, the oldest dropped first: at most RECENT_EVENT_IDS ids.
+        self._recent: dict[str, None] = {}
         self._listener_id: int | None = None
         self._heartbeat = 0.0
         self._backoff = tenacity.wait_random_exponential(multiplier=_BACKOFF_BASE, max=_BACKOFF_MAX)
@@ -215,16 +221,19 @@ class Listener:
             self._ignored("events.frame_unreadable", error=str(exc))
             return ack_success
         synced = event.chatid is not None and event.chatid in self._synced
-        try:
-            recorded = self.store.record(
-                event,
-                received_at=received_at,
-                synced=synced,
-                discover=self.settings.discover_chats,
-            )
-        except EtlError as exc:
-            log.error("events.store_failed", event_id=event.event_id, error=exc.message)
-            return ack_later
+        recorded: Recorded | None = None
+        if event.event_id not in self._recent:
+            try:
+                recorded = self.store.record(
+                    event,
+                    received_at=received_at,
+                    synced=synced,
+                    discover=self.settings.discover_chats,
+                )
+            except EtlError as exc:
+                log.error("events.store_failed", event_id=event.event_id, error=exc.message)
+                return ack_later
+            self._remember(event.event_id)
         self.stats.events_received += 1
         self.stats.last_event_at = received_at
         outcome = recorded.outcome if recorded is not None else "duplicate"
@@ -245,6 +254,11 @@ class Listener:
             self._synced.add(event.chatid)
             self._on_event(event.chatid)
         return ack_success
+
+    def _remember(self, event_id: str) -> None:
+        self._recent[event_id] = None
+        if len(self._recent) > RECENT_EVENT_IDS:
+            del self._recent[next(iter(self._recent))]
 
     def _answer(self, socket: StreamSocket, frame: Frame, answer: Callable[[str], str]) -> None:
         message_id = frame.message_id

@@ -14,6 +14,7 @@ from sqlalchemy.engine import URL
 
 from etl.config import Config, parse_config
 from etl.db import create_db_engine
+from etl.eventstore import EventStore
 from etl.listener import run_listen
 from etl.schema import chat_events, chat_members, discovered_chats, pushed_events, sync_runs
 from etl.simulator import Simulator, StreamGateway, World
@@ -320,6 +321,33 @@ def test_redelivered_event_writes_nothing(
     assert all(ack.success for ack in setup.gateway.delivery(event_id).acks)
     assert len(event_rows(setup.url, userid="u3", event_type="member_left")) == 1
     assert len(table(setup.url, pushed_events)) == 1
+
+
+def test_redelivery_of_an_event_stored_here_takes_no_transaction(
+    setup: Setup,
+    listen: Callable[..., Running],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first_sync(setup, tmp_path)
+    recorded: list[str] = []
+    record = EventStore.record
+
+    def counted(self: EventStore, event: Any, **kwargs: Any) -> Any:
+        recorded.append(event.event_id)
+        return record(self, event, **kwargs)
+
+    monkeypatch.setattr(EventStore, "record", counted)
+    listen()
+    setup.gateway.inject("duplicate")
+
+    event_id = setup.gateway.push_event("chat_quit", "chat-a", operator="u3")
+
+    until(lambda: len(setup.gateway.delivery(event_id).acks) >= 2, "both ACKs")
+    assert all(ack.success for ack in setup.gateway.delivery(event_id).acks)
+    # The listener knew the id it had just stored: the second push never reached the database.
+    assert recorded == [event_id]
+    assert len(event_rows(setup.url, userid="u3", event_type="member_left")) == 1
 
 
 def test_unknown_chat_is_kept_and_counted(
