@@ -127,7 +127,7 @@ def test_schedule_fires_on_the_interval_and_stops_on_sigterm(
     code, elapsed = process.stop()
 
     assert code == 0
-    assert elapsed < 5
+    assert elapsed < 15  # the run in hand, then out: seconds on a busy machine, not a fire
     # Nothing but structured lines: no warning, no traceback, no APScheduler text.
     lines = process.log_path.read_text(encoding="utf-8").splitlines()
     assert [line for line in lines if not line.startswith("{")] == []

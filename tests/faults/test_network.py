@@ -146,7 +146,8 @@ def test_time_budget_stops_a_run_the_network_keeps_slow(
         assert len(rows(db_url, "sync_run_items")) == done  # chats not reached: no item
         assert len(rows(db_url, "chats")) == done
 
-        again = run_sync(config)
+        # Without a budget, which the rest might overrun on a busy machine.
+        again = run_sync(make_config(db_url, sim.base_url, world.chatids()))
 
     assert (again.status, again.chats_changed) == ("succeeded", 12 - done)
     assert world_problems(db_url, world_state(world)) == []
@@ -166,14 +167,14 @@ def test_time_budget_ends_retry_pauses_at_once(sqlite_url: URL, make_config: Mak
             dingtalk={"max_attempts": 5},
             sync={"concurrency": 2, "run_budget_seconds": 2},
         )
-        started = time.monotonic()
         result = run_sync(config)
-        elapsed = time.monotonic() - started
         requests = world.stats.total_requests
 
     assert (result.status, result.exit_code) == ("failed", 3)
     assert result.error == "time budget of 2 s exceeded"
-    assert elapsed < 2 + 1.0
     assert result.api_calls == requests
     assert rows(sqlite_url, "chats") == []
-    assert rows(sqlite_url, "sync_runs")[0]["status"] == "failed"
+    [run] = rows(sqlite_url, "sync_runs")
+    assert run["status"] == "failed"
+    # By the run's own times: a process starting slowly on a busy machine is not the budget's.
+    assert (run["finished_at"] - run["started_at"]).total_seconds() < 2 + 1.0
