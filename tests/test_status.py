@@ -227,16 +227,20 @@ def test_status_json(db_url: URL, tmp_path: Path) -> None:
     state = json.loads(result.stdout)
     assert sorted(state) == [
         "checked_at",
+        "discovered_chats",
+        "events_waiting",
         "exit_code",
         "failing_chats",
         "healthy",
         "last_run",
         "last_success",
         "last_success_age_seconds",
+        "listener",
         "max_age_seconds",
         "running",
         "verdict",
     ]
+    assert (state["listener"], state["events_waiting"], state["discovered_chats"]) == (None, 0, 0)
     assert (state["healthy"], state["exit_code"], state["max_age_seconds"]) == (True, 0, 14400)
     assert state["verdict"] == "OK: last success 3h ago (run 1)"
     assert state["last_success"]["finished_at"] == success["finished_at"].isoformat()
@@ -290,7 +294,7 @@ def test_status_on_an_unmigrated_database_exits_78(tmp_path: Path) -> None:
     assert result.exit_code == 78
     assert result.stderr == (
         "dingtalk-etl: error: the database has no dingtalk-etl schema, this version needs "
-        "0002: run `dingtalk-etl db upgrade` (or pass --migrate)\n"
+        "0003: run `dingtalk-etl db upgrade` (or pass --migrate)\n"
     )
 
 
