@@ -3,6 +3,7 @@ reconciled once, nothing lost and nothing twice, whatever the gateway does."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -110,8 +111,9 @@ def setup(db_url: URL) -> Iterator[Setup]:
 class Running:
     """``run_listen`` in a thread, as `dingtalk-etl listen` runs it."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, on_stats: Any = None) -> None:
         self.stop = threading.Event()
+        self._on_stats = on_stats
         self.error: BaseException | None = None
         self.reconciles: list[list[str]] = []
         self._thread = threading.Thread(target=self._run, args=(config,), daemon=True)
@@ -123,7 +125,7 @@ class Running:
             reconcile(config, chatids, stop=self.stop)
 
         try:
-            run_listen(config, self.stop, reconcile_chats)
+            run_listen(config, self.stop, reconcile_chats, on_stats=self._on_stats)
         except BaseException as exc:  # handed to the test
             self.error = exc
 
@@ -525,3 +527,45 @@ def test_the_secret_and_the_tickets_appear_nowhere(
     produced += repr(table(setup.url, event_listeners))
     for secret in (APP_SECRET, *tickets):
         assert secret not in produced
+
+
+def test_listener_metrics_file(setup: Setup, tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from etl.monitoring import listener_metrics_path, listener_metrics_writer
+
+    metrics = tmp_path / "dingtalk_etl.prom"
+    config = dataclasses.replace(setup.config(tmp_path), metrics_path=metrics)
+    path = listener_metrics_path(metrics)
+    running = Running(config, on_stats=listener_metrics_writer(config))
+    until(lambda: setup.gateway.connected, "the listener to connect")
+    setup.gateway.push_event("chat_add_member", "chat-zz", userId=["u1"])  # unknown: ignored
+    setup.gateway.inject("drop")
+    until(lambda: setup.gateway.connections_opened >= 2, "a reconnection")
+    until(lambda: setup.gateway.connected, "the listener to connect again")
+
+    def samples() -> dict[str, float]:
+        if not path.exists():
+            return {}
+        text = path.read_text(encoding="utf-8")
+        return {
+            s.name: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    found = until(
+        lambda: (
+            (s := samples()).get("dingtalk_etl_events_reconnects_total", 0) >= 1
+            and s.get("dingtalk_etl_events_received_total") == 1
+            and s.get("dingtalk_etl_events_connected") == 1
+            and s
+        ),
+        "the metrics after the reconnection",
+    )
+    running.finish()
+    assert found["dingtalk_etl_events_received_total"] == 1
+    assert found["dingtalk_etl_events_ignored_total"] == 1
+    assert found["dingtalk_etl_events_last_event_timestamp_seconds"] > 0
+    assert not metrics.exists()  # the runs' file is the sync's, not the listener's
+    assert samples()["dingtalk_etl_events_connected"] == 0
