@@ -40,7 +40,6 @@ from etl.report_html import FORMATS, render, render_audit
 from etl.runlog import RunLog
 from etl.scheduler import run_schedule
 from etl.simulator import Simulator, StreamGateway, World
-from etl.sync import reconcile
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -289,12 +288,7 @@ def listen(obj: _Ctx) -> None:
     stop = threading.Event()
     with _errors(), _stop_on_signals(stop):
         config = obj.load(need_api=True)
-        run_listen(
-            config,
-            stop,
-            lambda chatids: reconcile(config, chatids, stop=stop),
-            on_stats=listener_metrics_writer(config),
-        )
+        run_listen(config, stop, on_stats=listener_metrics_writer(config))
 
 
 def _check_duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:

@@ -23,7 +23,7 @@ from etl.logs import configure_logging
 from etl.output import to_table
 from etl.schema import chat_events, chat_members, chats, sync_run_items, sync_runs
 from etl.simulator import SimChat, Simulator, StreamGateway, World
-from etl.sync import RunResult, reconcile, run_sync
+from etl.sync import RunResult, run_sync
 
 DEMO_APP_KEY = "demo-key"
 DEMO_APP_SECRET = "demo-secret"  # noqa: S105 - the simulator's fake app
@@ -145,10 +145,15 @@ def _demo_events(world: World, config: Config, echo: Callable[[str], Any]) -> No
         stop = threading.Event()
         reconciled: list[RunResult] = []
 
-        def confirm(chatids: Sequence[str]) -> None:
-            reconciled.append(reconcile(config, chatids, stop=stop))
+        def confirm(_chatids: Sequence[str], result: RunResult) -> None:
+            reconciled.append(result)
 
-        listener = threading.Thread(target=run_listen, args=(config, stop, confirm), daemon=True)
+        listener = threading.Thread(
+            target=run_listen,
+            args=(config, stop),
+            kwargs={"on_reconciled": confirm},
+            daemon=True,
+        )
         listener.start()
         try:
             _wait_for(lambda: gateway.connected, "the listener to connect")

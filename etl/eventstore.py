@@ -2,7 +2,8 @@
 
 Knows SQL only. ``EventStore.record`` writes one event in one transaction: its
 ``pushed_events`` row (what became of it) and the ``chat_events`` rows of the changes it
-describes, unless a poll already recorded them (``already_recorded``). A redelivered event id
+describes, unless a poll already recorded them (``already_recorded``). ``record_many`` writes
+the events that arrived together the same way, in one transaction. A redelivered event id
 writes nothing. The reconcile that follows is the sync's (``etl.store``), which reads the
 chats whose events wait for one here (``waiting_chats``).
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,33 +143,75 @@ class EventStore:
         ``synced``: whether its chat is in the synced set; ``discover``: whether an event for
         another chat adds that chat to it.
         """
-        doing = f"recording event {event.event_id}"
+        synced_chats = {event.chatid} if synced and event.chatid is not None else set()
+        return self.record_many([(event, received_at)], synced=synced_chats, discover=discover)[0]
+
+    def record_many(
+        self,
+        events: Sequence[tuple[PushedEvent, dt.datetime]],
+        *,
+        synced: Container[str],
+        discover: bool,
+    ) -> list[Recorded | None]:
+        """Write each ``(event, received_at)`` as ``record`` does, all in one transaction.
+
+        One commit for the events that wait on the socket together: on PostgreSQL a commit
+        is a WAL flush, which would otherwise bound the listener to a few dozen events a
+        second. ``synced``: the chats of the synced set (a chat an earlier event of the same
+        batch discovered counts as synced for the later ones, as it would one by one).
+        """
+        first = events[0][0].event_id if events else "none"
+        doing = (
+            f"recording event {first}"
+            if len(events) == 1
+            else (f"recording {len(events)} events from {first}")
+        )
+        discovered: set[str] = set()
+        results: list[Recorded | None] = []
         with database_errors(doing), writing(self.engine) as conn:
-            if _known(conn, event.event_id):
-                return None
-            if event.invalid is not None or event.chatid is None:
-                result = Recorded(INVALID)
-            elif not synced:
-                result = Recorded(UNKNOWN_CHAT)
-                if discover:
-                    _discover(conn, event.chatid, event.event_id, received_at)
-                    result = Recorded(DISCOVERED)
-            else:
-                result = _record_changes(conn, event, received_at)
-            conn.execute(
-                _INSERT_PUSHED,
-                {
-                    "event_id": event.event_id,
-                    "event_type": event.event_type[:64],
-                    "chatid": event.chatid,
-                    "occurred_at": event.occurred_at,
-                    "received_at": received_at,
-                    "operator_userid": event.operator_userid,
-                    "payload": dict(event.payload),
-                    "outcome": result.outcome,
-                },
-            )
-            return result
+            for event, received_at in events:
+                chatid = event.chatid
+                in_set = chatid is not None and (chatid in synced or chatid in discovered)
+                result = _record(conn, event, received_at, synced=in_set, discover=discover)
+                if result is not None and result.outcome == DISCOVERED and chatid is not None:
+                    discovered.add(chatid)
+                results.append(result)
+        return results
+
+
+def _record(
+    conn: Connection,
+    event: PushedEvent,
+    received_at: dt.datetime,
+    *,
+    synced: bool,
+    discover: bool,
+) -> Recorded | None:
+    if _known(conn, event.event_id):
+        return None
+    if event.invalid is not None or event.chatid is None:
+        result = Recorded(INVALID)
+    elif not synced:
+        result = Recorded(UNKNOWN_CHAT)
+        if discover:
+            _discover(conn, event.chatid, event.event_id, received_at)
+            result = Recorded(DISCOVERED)
+    else:
+        result = _record_changes(conn, event, received_at)
+    conn.execute(
+        _INSERT_PUSHED,
+        {
+            "event_id": event.event_id,
+            "event_type": event.event_type[:64],
+            "chatid": event.chatid,
+            "occurred_at": event.occurred_at,
+            "received_at": received_at,
+            "operator_userid": event.operator_userid,
+            "payload": dict(event.payload),
+            "outcome": result.outcome,
+        },
+    )
+    return result
 
 
 def _known(conn: Connection, event_id: str) -> bool:

@@ -4,8 +4,10 @@ Orchestrates ``etl.stream`` (the connection), ``etl.events`` (what a frame says)
 ``etl.eventstore`` (the rows), and hands chats with new events to a ``Reconciler`` that re-reads
 them with chat/get ``[events] reconcile_delay_seconds`` after their last event.
 
-One thread reads frames and answers them in order. An event is ACKed SUCCESS only after its
-rows are committed; a write that fails is ACKed LATER, so DingTalk pushes it again. A frame
+One thread reads frames: the ones waiting on the socket together (at most ``BATCH_FRAMES``)
+are answered together, their group events stored in one transaction. An event is ACKed
+SUCCESS only after its rows are committed; a write that fails is ACKed LATER, so DingTalk
+pushes it again. A frame
 that cannot be read is logged and, when it can be, ACKed; an event of another type is ACKed
 and counted. A dropped socket, a gateway that fails or ``silence_timeout_seconds`` without
 any frame mean a new connection, after a backoff with full jitter; a ``disconnect`` frame
@@ -17,10 +19,11 @@ SIGINT) finishes the frame in hand and closes the socket.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 import structlog
@@ -36,6 +39,7 @@ from etl.events import (
     UNKNOWN_CHAT,
     Frame,
     FrameError,
+    PushedEvent,
     ack,
     ack_later,
     ack_success,
@@ -43,8 +47,10 @@ from etl.events import (
     parse_frame,
 )
 from etl.eventstore import EventStore, ListenerLog, Recorded
+from etl.reconcile_process import ReconcileProcess
 from etl.reconciler import Reconciler
 from etl.stream import StreamSocket, StreamUnavailable, open_connection
+from etl.sync import RunResult
 
 log = structlog.get_logger("etl.listener")
 
@@ -56,6 +62,8 @@ HEARTBEAT_SECONDS: Final = 5.0
 # its ACK did not come in time, which is when the listener is behind: a redelivery of one of
 # these is ACKed without a transaction to find out what this process already knows.
 RECENT_EVENT_IDS: Final = 10_000
+# Frames read off the socket together at most: their events share one transaction.
+BATCH_FRAMES: Final = 200
 _BACKOFF_BASE: Final = 0.5
 _BACKOFF_MAX: Final = 30.0
 
@@ -173,7 +181,7 @@ class Listener:
                 continue
             last_frame = now
             self.stats.last_frame_at = utcnow()
-            replacement = self._handle(socket, text)
+            replacement = self._handle(socket, [text, *_waiting(socket)])
             if replacement is not None:
                 return replacement
             self._beat()
@@ -192,50 +200,92 @@ class Listener:
 
     # -- one frame --------------------------------------------------------------------------
 
-    def _handle(self, socket: StreamSocket, text: str) -> StreamSocket | None:
-        """Answer one frame; return the new socket when the server asked us to move."""
-        try:
-            frame = parse_frame(text)
-        except FrameError as exc:
-            self._ignored("events.frame_unreadable", error=str(exc))
-            return None
-        if frame.type == "SYSTEM" and frame.topic == "disconnect":
-            return self._move(socket, frame)
-        if frame.type == "SYSTEM":
-            # Pings and whatever else: echo the data, as DingTalk's SDKs do.
-            self._answer(socket, frame, lambda mid: ack(mid, _json_object(frame.data)))
-            return None
-        if frame.type != "EVENT" or frame.event_type not in GROUP_EVENT_TYPES:
-            self._ignored("events.ignored", type=frame.type, event_type=frame.event_type)
-            self._answer(socket, frame, ack_success)
-            return None
-        self._answer(socket, frame, self._event(frame))
-        return None
+    def _handle(self, socket: StreamSocket, texts: Sequence[str]) -> StreamSocket | None:
+        """Answer frames read together; return the new socket when the server asked us to move.
 
-    def _event(self, frame: Frame) -> Callable[[str], str]:
-        """Store one group event; the ACK to send for it."""
-        received_at = utcnow()
-        try:
-            event = parse_event(frame, received_at)
-        except FrameError as exc:
-            self._ignored("events.frame_unreadable", error=str(exc))
-            return ack_success
-        synced = event.chatid is not None and event.chatid in self._synced
-        recorded: Recorded | None = None
-        if event.event_id not in self._recent:
+        Their group events are stored in one transaction and ACKed after its commit.
+        """
+        events: list[_Arrived] = []
+        move: Frame | None = None
+        for text in texts:
             try:
-                recorded = self.store.record(
-                    event,
-                    received_at=received_at,
-                    synced=synced,
-                    discover=self.settings.discover_chats,
-                )
-            except EtlError as exc:
-                log.error("events.store_failed", event_id=event.event_id, error=exc.message)
-                return ack_later
-            self._remember(event.event_id)
+                frame = parse_frame(text)
+            except FrameError as exc:
+                self._ignored("events.frame_unreadable", error=str(exc))
+                continue
+            if frame.type == "SYSTEM" and frame.topic == "disconnect":
+                move = frame  # after the frames in hand are answered on this socket
+            elif frame.type == "SYSTEM":
+                # Pings and whatever else: echo the data, as DingTalk's SDKs do.
+                self._answer(socket, frame, _echo(frame))
+            elif frame.type != "EVENT" or frame.event_type not in GROUP_EVENT_TYPES:
+                self._ignored("events.ignored", type=frame.type, event_type=frame.event_type)
+                self._answer(socket, frame, ack_success)
+            else:
+                received_at = utcnow()
+                try:
+                    events.append(_Arrived(frame, parse_event(frame, received_at), received_at))
+                except FrameError as exc:
+                    self._ignored("events.frame_unreadable", error=str(exc))
+                    self._answer(socket, frame, ack_success)
+        if events:
+            self._events(socket, events)
+        return None if move is None else self._move(socket, move)
+
+    def _events(self, socket: StreamSocket, events: Sequence[_Arrived]) -> None:
+        """Store group events in one transaction, then ACK each: SUCCESS once its rows are
+        committed (or were before), LATER when the database refused them."""
+        new = [i for i, arrived in enumerate(events) if arrived.event.event_id not in self._recent]
+        results = self._store(events, new)
+        for i, arrived in enumerate(events):
+            refused = i in new and i not in results
+            self._answer(socket, arrived.frame, ack_later if refused else ack_success)
+        for i, arrived in enumerate(events):
+            if i in results or i not in new:
+                self._received(arrived, results.get(i))
+
+    def _store(self, events: Sequence[_Arrived], new: Sequence[int]) -> dict[int, Recorded | None]:
+        """What became of the events ``new`` indexes (None: stored before); an event the
+        database refused has no entry.
+
+        A batch the database refuses is tried again one event at a time, so that one event
+        it cannot take does not hold back the others.
+        """
+        if not new:
+            return {}
+        results = self._store_batch(events, new)
+        if results is None and len(new) > 1:
+            results = {}
+            for i in new:
+                results.update(self._store_batch(events, [i]) or {})
+        return results or {}
+
+    def _store_batch(
+        self, events: Sequence[_Arrived], batch: Sequence[int]
+    ) -> dict[int, Recorded | None] | None:
+        try:
+            recorded = self.store.record_many(
+                [(events[i].event, events[i].received_at) for i in batch],
+                synced=self._synced,
+                discover=self.settings.discover_chats,
+            )
+        except EtlError as exc:
+            log.error(
+                "events.store_failed",
+                event_id=events[batch[0]].event.event_id,
+                events=len(batch),
+                error=exc.message,
+            )
+            return None
+        for i in batch:
+            self._remember(events[i].event.event_id)
+        return dict(zip(batch, recorded, strict=True))
+
+    def _received(self, arrived: _Arrived, recorded: Recorded | None) -> None:
+        """Count and log an event whose rows are committed (None: its id was stored before)."""
+        event = arrived.event
         self.stats.events_received += 1
-        self.stats.last_event_at = received_at
+        self.stats.last_event_at = arrived.received_at
         outcome = recorded.outcome if recorded is not None else "duplicate"
         log.info(
             "events.received",
@@ -253,7 +303,6 @@ class Listener:
         elif recorded is not None and event.chatid is not None:
             self._synced.add(event.chatid)
             self._on_event(event.chatid)
-        return ack_success
 
     def _remember(self, event_id: str) -> None:
         self._recent[event_id] = None
@@ -282,14 +331,9 @@ class Listener:
             self._disconnected(reason=f"disconnect requested; reconnect failed: {exc.message}")
             return None
         # What the old connection still has in hand is read before it is left.
-        while True:
-            try:
-                text = old.receive(timeout=0)
-            except StreamUnavailable:
-                break
-            if text is None:
-                break
-            self._handle(old, text)
+        remaining = list(_waiting(old, limit=None))
+        if remaining:
+            self._handle(old, remaining)
         old.close()
         self.stats.reconnects += 1
         return new
@@ -317,6 +361,33 @@ class Listener:
             log.warning("events.state_not_recorded", error=exc.message)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Arrived:
+    """A group event read off the socket, with its frame (to ACK) and its time of arrival."""
+
+    frame: Frame
+    event: PushedEvent
+    received_at: dt.datetime
+
+
+def _waiting(socket: StreamSocket, limit: int | None = BATCH_FRAMES - 1) -> Iterator[str]:
+    """The frames already waiting on ``socket``, without waiting for more (at most ``limit``)."""
+    count = 0
+    while limit is None or count < limit:
+        try:
+            text = socket.receive(timeout=0)
+        except StreamUnavailable:
+            return  # the next receive says so, after what came is answered
+        if text is None:
+            return
+        count += 1
+        yield text
+
+
+def _echo(frame: Frame) -> Callable[[str], str]:
+    return lambda message_id: ack(message_id, _json_object(frame.data))
+
+
 def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text) if text else {}
@@ -328,24 +399,39 @@ def _json_object(text: str) -> dict[str, Any]:
 def run_listen(
     config: Config,
     stop: threading.Event,
-    reconcile: Callable[[Sequence[str]], object],
+    reconcile: Callable[[Sequence[str]], object] | None = None,
     *,
+    on_reconciled: Callable[[Sequence[str], RunResult], None] | None = None,
     on_stats: Callable[[ListenerStats], None] | None = None,
 ) -> None:
     """``dingtalk-etl listen``: listen and reconcile until ``stop`` is set.
 
-    ``reconcile(chatids)`` re-reads chats that received events (the sync's reconcile run).
-    Raises ``SchemaNotMigrated`` and ``DatabaseFailure`` before listening, and the gateway's
+    Chats that received events are re-read by the sync's reconcile runs, in a process of
+    their own (``ReconcileProcess``), each reported to ``on_reconciled``;
+    ``reconcile(chatids)`` replaces them (a test that wants none). Raises
+    ``SchemaNotMigrated`` and ``DatabaseFailure`` before listening, and the gateway's
     refusals (``GatewayRefused``, ``GatewayForbidden``) when they come.
     """
     with open_database(config) as engine:
         require_schema(engine, "checking the schema")
-        reconciler = Reconciler(
-            reconcile, delay=config.events.reconcile_delay_seconds, stop=stop
-        ).start()
+        runs = ReconcileProcess(config)
+        if reconcile is None:
+            runs.start()
+
+        def run(chatids: Sequence[str]) -> object:
+            if reconcile is not None:
+                return reconcile(chatids)
+            result = runs(chatids)
+            if on_reconciled is not None:
+                on_reconciled(chatids, result)
+            return result
+
+        reconciler = Reconciler(run, delay=config.events.reconcile_delay_seconds, stop=stop)
+        reconciler.start()
         try:
             reconciler.resume(EventStore(engine).waiting_chats())
             Listener(config, engine, stop, on_event=reconciler.touch, on_stats=on_stats).run()
         finally:
             stop.set()
+            runs.close()
             reconciler.join()

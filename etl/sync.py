@@ -184,11 +184,18 @@ def _stop_reason(stop: RunStop, writer: WriterStage, result: RunResult) -> StopR
 
 
 def _settle(
-    result: RunResult, reason: StopReason | None, client: DingTalkClient, started: float
+    result: RunResult,
+    reason: StopReason | None,
+    client: DingTalkClient,
+    started: float,
+    counted: tuple[int, int] = (0, 0),
 ) -> None:
-    """The run's outcome: an interrupted run keeps what it synced, a fatal error fails it."""
-    result.api_calls = client.api_calls
-    result.retries = client.retries
+    """The run's outcome: an interrupted run keeps what it synced, a fatal error fails it.
+
+    ``counted``: the client's calls and retries before the run (a client serves many runs).
+    """
+    result.api_calls = client.api_calls - counted[0]
+    result.retries = client.retries - counted[1]
     result.duration_seconds = time.monotonic() - started
     if reason is None:
         result.status = "partial" if result.chats_failed else "succeeded"
@@ -200,8 +207,16 @@ def _settle(
 @contextmanager
 def _client(config: Config, halt: threading.Event) -> Iterator[DingTalkClient]:
     """The run's DingTalk client, paced; ``halt`` stops its waits for a slot or a retry."""
+    client = _new_client(config, halt)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _new_client(config: Config, halt: threading.Event) -> DingTalkClient:
     settings = config.dingtalk
-    client = DingTalkClient(
+    return DingTalkClient(
         settings.base_url,
         config.app_key,
         config.app_secret,
@@ -210,10 +225,6 @@ def _client(config: Config, halt: threading.Event) -> Iterator[DingTalkClient]:
         max_attempts=settings.max_attempts,
         max_response_bytes=settings.max_response_bytes,
     )
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 class WriterStage:
@@ -325,21 +336,42 @@ def reconcile(
 ) -> RunResult:
     """Re-read chats that received events: a run with trigger 'event' (``etl.listener``).
 
-    The chats are fetched first, without the lock; the lock is held only while the run's
-    rows are written, so that `sync` and `schedule` run beside `listen`. Waits up to
-    ``RECONCILE_LOCK_WAIT_SECONDS`` for a sync that holds the lock, then raises ``LockBusy``
-    (the events wait in the database for the next try); raises what ``run_sync`` raises.
+    Opens the database and checks its schema for this one run; ``ReconcileRuns`` keeps both,
+    and the client, for the runs of a listener. Raises what ``ReconcileRuns`` raises.
     """
-    wanted = tuple(dict.fromkeys(chatids))
-    started = time.monotonic()
     with open_database(config) as engine:
         with database_errors("connecting to the database"):
             migrate.check_schema(engine)
-        run_stop = RunStop(stop, config.sync.run_budget_seconds)
-        with _client(config, run_stop.halt) as client:
-            fetch = FetchStage(client, wanted, config.sync.concurrency, run_stop)
-            with run_stop.watching(), contextlib.closing(fetch.batches()) as batches:
-                fetched = list(batches)
+        with contextlib.closing(ReconcileRuns(config, engine, stop)) as runs:
+            return runs(chatids)
+
+
+class ReconcileRuns:
+    """The reconcile runs of one listener, on its engine (whose schema it has checked), with
+    one client for all of them: its token is kept, and the statements SQLAlchemy compiled for
+    one run serve the next (a new engine per run cost more CPU than the run's own work).
+
+    Each call fetches the chats first, without the lock; the lock is held only while the
+    run's rows are written, so that `sync` and `schedule` run beside `listen`. Waits up to
+    ``RECONCILE_LOCK_WAIT_SECONDS`` for a sync that holds the lock, then raises ``LockBusy``
+    (the events wait in the database for the next try); raises what ``run_sync`` raises.
+    """
+
+    def __init__(self, config: Config, engine: Engine, stop: threading.Event | None) -> None:
+        self._config = config
+        self._engine = engine
+        self._stop = stop if stop is not None else threading.Event()
+        self._client = _new_client(config, self._stop)
+
+    def __call__(self, chatids: Sequence[str]) -> RunResult:
+        config, engine, client = self._config, self._engine, self._client
+        wanted = tuple(dict.fromkeys(chatids))
+        started = time.monotonic()
+        counted = (client.api_calls, client.retries)
+        run_stop = RunStop(self._stop, config.sync.run_budget_seconds)
+        fetch = FetchStage(client, wanted, config.sync.concurrency, run_stop)
+        with run_stop.watching(), contextlib.closing(fetch.batches()) as batches:
+            fetched = list(batches)
         with (
             database_errors("taking the sync lock"),
             _waiting_lock(engine, run_stop.halt) as lock,
@@ -356,9 +388,12 @@ def reconcile(
                 log.info("run.started", trigger="event", chats_total=len(wanted))
                 writer = WriterStage(store, lock, result)
                 _write(fetched, writer, run_stop)
-                _settle(result, _stop_reason(run_stop, writer, result), client, started)
+                _settle(result, _stop_reason(run_stop, writer, result), client, started, counted)
                 recorder.finish(result)
             return result
+
+    def close(self) -> None:
+        self._client.close()
 
 
 @contextmanager

@@ -3,6 +3,7 @@ reconciled once, nothing lost and nothing twice, whatever the gateway does."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from collections.abc import Callable, Iterator
@@ -10,16 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 from sqlalchemy import select, text
 from sqlalchemy.engine import URL
 
 from etl.config import Config, parse_config
-from etl.db import create_db_engine
+from etl.db import create_db_engine, writing
 from etl.eventstore import EventStore
 from etl.listener import run_listen
-from etl.schema import chat_events, chat_members, discovered_chats, pushed_events, sync_runs
+from etl.schema import chat_events, chat_members, chats, discovered_chats, pushed_events, sync_runs
 from etl.simulator import Simulator, StreamGateway, World
-from etl.sync import reconcile, run_sync
+from etl.sync import run_sync
 from tests.conftest import APP_KEY, APP_SECRET, sample_world
 from tests.helpers import wait_for
 
@@ -120,12 +122,11 @@ class Running:
         self._thread.start()
 
     def _run(self, config: Config) -> None:
-        def reconcile_chats(chatids: Any) -> None:
+        def reconciled(chatids: Any, _result: Any) -> None:
             self.reconciles.append(list(chatids))
-            reconcile(config, chatids, stop=self.stop)
 
         try:
-            run_listen(config, self.stop, reconcile_chats, on_stats=self._on_stats)
+            run_listen(config, self.stop, on_reconciled=reconciled, on_stats=self._on_stats)
         except BaseException as exc:  # handed to the test
             self.error = exc
 
@@ -325,21 +326,21 @@ def test_redelivered_event_writes_nothing(
     assert len(table(setup.url, pushed_events)) == 1
 
 
-def test_redelivery_of_an_event_stored_here_takes_no_transaction(
+def test_redelivery_of_an_event_stored_here_takes_no_transaction_of_its_own(
     setup: Setup,
     listen: Callable[..., Running],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     first_sync(setup, tmp_path)
-    recorded: list[str] = []
-    record = EventStore.record
+    transactions: list[list[str]] = []
+    record_many = EventStore.record_many
 
-    def counted(self: EventStore, event: Any, **kwargs: Any) -> Any:
-        recorded.append(event.event_id)
-        return record(self, event, **kwargs)
+    def counted(self: EventStore, events: Any, **kwargs: Any) -> Any:
+        transactions.append([event.event_id for event, _at in events])
+        return record_many(self, events, **kwargs)
 
-    monkeypatch.setattr(EventStore, "record", counted)
+    monkeypatch.setattr(EventStore, "record_many", counted)
     listen()
     setup.gateway.inject("duplicate")
 
@@ -347,8 +348,10 @@ def test_redelivery_of_an_event_stored_here_takes_no_transaction(
 
     until(lambda: len(setup.gateway.delivery(event_id).acks) >= 2, "both ACKs")
     assert all(ack.success for ack in setup.gateway.delivery(event_id).acks)
-    # The listener knew the id it had just stored: the second push never reached the database.
-    assert recorded == [event_id]
+    # The listener knew the id it had just stored: a second push read apart took no
+    # transaction; two read together shared one.
+    assert len(transactions) == 1
+    assert set(transactions[0]) == {event_id}
     assert len(event_rows(setup.url, userid="u3", event_type="member_left")) == 1
 
 
@@ -410,6 +413,84 @@ def test_database_outage_acks_nothing_it_did_not_store(
         engine.dispose()
 
     until(lambda: setup.gateway.delivery(event_id).delivered, "the ACK after the outage")
+    assert len(event_rows(setup.url, userid="u4", source="event")) == 1
+
+
+def refuse_operator(url: URL, userid: str) -> Callable[[], None]:
+    """Make the database refuse ``pushed_events`` rows of ``userid``'s events; the undo."""
+    engine = create_db_engine(url)
+    if url.get_backend_name() == "sqlite":
+        add = (
+            "CREATE TRIGGER refuse_operator BEFORE INSERT ON pushed_events "
+            f"WHEN NEW.operator_userid = '{userid}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        drop = "DROP TRIGGER refuse_operator"
+    else:
+        add = (
+            "ALTER TABLE pushed_events ADD CONSTRAINT refuse_operator "
+            f"CHECK (operator_userid IS NULL OR operator_userid <> '{userid}')"
+        )
+        drop = "ALTER TABLE pushed_events DROP CONSTRAINT refuse_operator"
+    with engine.begin() as conn:
+        conn.execute(text(add))
+
+    def undo() -> None:
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(drop))
+        finally:
+            engine.dispose()
+
+    return undo
+
+
+@contextlib.contextmanager
+def chat_locked(url: URL, chatid: str) -> Iterator[None]:
+    """Hold what an event's transaction on ``chatid`` must take first: the chat's row (the
+    database's write lock on SQLite)."""
+    engine = create_db_engine(url)
+    try:
+        with writing(engine) as conn:
+            conn.execute(select(chats.c.chatid).where(chats.c.chatid == chatid).with_for_update())
+            yield
+    finally:
+        engine.dispose()
+
+
+def test_events_that_arrive_together_share_a_transaction_one_refused_alone(
+    setup: Setup, listen: Callable[..., Running], tmp_path: Path
+) -> None:
+    first_sync(setup, tmp_path)
+    listen()
+    allow = refuse_operator(setup.url, "u4")
+    try:
+        with structlog.testing.capture_logs() as logs:
+            # The first event's transaction waits for the chat; the next two arrive meanwhile
+            # and are read off the socket together once it is done.
+            with chat_locked(setup.url, "chat-a"):
+                first = setup.gateway.push_event("chat_quit", "chat-a", operator="u3")
+                refused = setup.gateway.push_event("chat_quit", "chat-b", operator="u4")
+                other = setup.gateway.push_event("chat_quit", "chat-c", operator="u6")
+                until(
+                    lambda: setup.gateway.delivery(other).times_pushed > 0, "the pushes to be sent"
+                )
+            stored = [first, other]
+            until(lambda: all(setup.gateway.delivery(e).delivered for e in stored), "their ACKs")
+            until(lambda: setup.gateway.delivery(refused).acks, "the refused event's answer")
+        failures = [
+            (e["events"], e["event_id"]) for e in logs if e["event"] == "events.store_failed"
+        ]
+        # The batch with the refused event failed as one, then each of its events alone.
+        assert failures[0][0] >= 2
+        assert (1, refused) in failures
+        assert [f for f in failures if f[0] == 1 and f[1] != refused] == []
+        assert not setup.gateway.delivery(refused).delivered
+        assert all(a.code != 200 for a in setup.gateway.delivery(refused).acks)
+        assert {r["operator_userid"] for r in table(setup.url, pushed_events)} == {"u3", "u6"}
+    finally:
+        allow()
+
+    until(lambda: setup.gateway.delivery(refused).delivered, "the ACK once it can be stored")
     assert len(event_rows(setup.url, userid="u4", source="event")) == 1
 
 

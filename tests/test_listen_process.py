@@ -64,6 +64,23 @@ level = "INFO"
     return path
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (from /proc), children first."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended while we looked
+        parents[int(stat.parent.name)] = int(fields[1])
+    found: list[int] = []
+    level = [pid]
+    while level:
+        level = [child for child, parent in parents.items() if parent in level]
+        found.extend(level)
+    return found
+
+
 class Served:
     def __init__(self, world: World, sim: Simulator, gateway: StreamGateway) -> None:
         self.world, self.sim, self.gateway = world, sim, gateway
@@ -125,8 +142,11 @@ def test_kill_between_storing_and_the_ack_writes_nothing_twice(
 
     served.world.remove_members("chat-a", ["u3"], operator="u1")
     [stored] = until(lambda: rows(db_url, pushed_events), "the event to be stored")
+    # The reconcile process (and the fork server it came from) end with the listener.
+    helpers = until(lambda: descendants(first.pid), "the reconcile process to start")
     first.send_signal(signal.SIGKILL)
     first.communicate(timeout=30)
+    until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in helpers), "its helpers to end")
     assert not served.gateway.delivery(stored["event_id"]).delivered
 
     start(processes, config, "listen")
