@@ -18,8 +18,8 @@ This parent imports nothing but the standard library (and ``throughput``, which 
 
 Per database: a first sync of the world's chats; the floor's paced burst; the listener's paced
 burst (the same changes at the same rate, on the same gateway), its chat/get calls per chat and
-the events it lost; then (``--rss-databases``, SQLite by default) a new listener, a flood of
-events, and its RSS after the first ``--rss-first`` events and after all of them.
+the events it lost; then (``--rss-databases``, every database by default) a new listener, a
+flood of events, and its RSS after the first ``--rss-first`` events and after all of them.
 
     .venv/bin/python bench/events.py                          # sqlite + postgresql
     .venv/bin/python bench/events.py --quick                  # small sizes, a smoke run
@@ -1013,7 +1013,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--rss-databases",
         default=None,
-        help="databases that also run the memory flood, or none (default: sqlite)",
+        help="databases that also run the memory flood, or none (default: those of --databases)",
     )
     parser.add_argument(
         "--pg-url",
@@ -1039,7 +1039,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
     args.kinds = kinds(args.databases, "--databases")
     # One transaction per event: on PostgreSQL (a WAL flush each) the flood takes half an hour.
-    rss = args.rss_databases or ("sqlite" if "sqlite" in args.kinds else "none")
+    rss = args.rss_databases or ",".join(args.kinds)
     args.rss_kinds = [] if rss == "none" else kinds(rss, "--rss-databases")
     return args
 
