@@ -101,6 +101,8 @@ class BatchRows:
     )
     # chatid -> its fetch time, for chats whose fetch changed nothing
     touch: dict[str, dt.datetime] = field(default_factory=dict)
+    # (chatid, poll_interval_seconds, next_poll_at): the poll plan of chats read (adaptive)
+    plans: list[tuple[str, int, dt.datetime]] = field(default_factory=list)
     items: list[tuple[Any, ...]] = field(default_factory=list)
 
 
@@ -156,6 +158,9 @@ class BulkWriter:
         elif rows.touch:
             size, params = _touch_params(rows.touch)
             conn.execute(_touch_statement(size), params)
+        if rows.plans:
+            keys = ("key_chatid", "interval", "next_at")
+            conn.execute(_SET_PLAN, [dict(zip(keys, row, strict=True)) for row in rows.plans])
         self.items.execute(conn, rows.items)
 
 
@@ -302,6 +307,13 @@ def _member_upsert(dialect: str) -> Any:
         index_elements=[chat_members.c.chatid, chat_members.c.userid],
         set_={"joined_at": ins_pg.excluded.joined_at, "left_at": ins_pg.excluded.left_at},
     )
+
+
+_SET_PLAN = (
+    sa_update(chats)
+    .where(chats.c.chatid == bindparam("key_chatid"))
+    .values(poll_interval_seconds=bindparam("interval"), next_poll_at=bindparam("next_at"))
+)
 
 
 # A batch's shared statements, one per batch size, each built once: SQLAlchemy then finds

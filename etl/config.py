@@ -65,6 +65,16 @@ def _list_to_tuple(value: object) -> object:
 StrTuple = Annotated[tuple[str, ...], BeforeValidator(_list_to_tuple)]
 
 
+def _check_timezone(value: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        raise PydanticCustomError(
+            "timezone", "unknown time zone (use an IANA name such as 'Asia/Shanghai' or 'UTC')"
+        ) from None
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -80,6 +90,10 @@ class DingTalkSettings(_Section):
     allow_insecure_http: bool = False
     # A chat/get answer above this size is refused (10,000 members is about 300 KB).
     max_response_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
+    # API calls the organisation may make in a month (standard edition: 5,000); None: unknown.
+    monthly_call_quota: Annotated[int, Field(ge=1)] | None = None
+    # Where the quota month begins (DingTalk counts in China's time).
+    quota_timezone: Annotated[str, AfterValidator(_check_timezone)] = "Asia/Shanghai"
 
 
 class DatabaseSettings(_Section):
@@ -94,6 +108,12 @@ class SyncSettings(_Section):
     concurrency: Annotated[int, Field(ge=1, le=64)] = 4
     # Past this, the run takes no new chat, writes the ones in hand and ends partial/failed.
     run_budget_seconds: PositiveFloat | None = None
+    # Which chats a run without chat arguments reads: every one not dismissed, or those due.
+    polling: Literal["every_run", "adaptive"] = "every_run"
+    # adaptive: a changed chat is due again after this long; an unchanged chat's interval
+    # doubles up to max_poll_interval_seconds.
+    poll_interval_seconds: Annotated[int, Field(ge=1)] = 3600
+    max_poll_interval_seconds: Annotated[int, Field(ge=1)] = 86400
 
 
 def _check_cron(value: str) -> str:
@@ -102,16 +122,6 @@ def _check_cron(value: str) -> str:
     except ValueError as exc:
         raise PydanticCustomError(
             "cron", "not a crontab expression: {reason}", {"reason": str(exc)}
-        ) from None
-    return value
-
-
-def _check_timezone(value: str) -> str:
-    try:
-        zoneinfo.ZoneInfo(value)
-    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
-        raise PydanticCustomError(
-            "timezone", "unknown time zone (use an IANA name such as 'Asia/Shanghai' or 'UTC')"
         ) from None
     return value
 
@@ -322,6 +332,14 @@ def parse_config(
     triggers = [k for k in SCHEDULE_TRIGGERS if getattr(model.schedule, k) is not None]
     if len(triggers) > 1:
         problems.append(f"[schedule] {', '.join(triggers)}: give one of them, not both")
+    if (
+        ok("sync", "poll_interval_seconds", "max_poll_interval_seconds")
+        and model.sync.max_poll_interval_seconds < model.sync.poll_interval_seconds
+    ):
+        problems.append(
+            "[sync] max_poll_interval_seconds: must be at least poll_interval_seconds "
+            f"({model.sync.poll_interval_seconds})"
+        )
     healthcheck_url = model.monitoring.healthcheck_url
     if healthcheck_url is not None:
         # Whoever has a ping URL can report on this job: keep it out of every message.

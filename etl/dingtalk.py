@@ -35,6 +35,7 @@ from etl.errors import (
     TokenError,
     TransientError,
 )
+from etl.quota import EndpointCalls
 from etl.redact import redact, register_secret
 
 log = structlog.get_logger("etl.dingtalk")
@@ -274,6 +275,9 @@ class CallCounter:
 class _Counts:
     api_calls: int = 0
     retries: int = 0
+    # Since the last ``take_calls``: requests per endpoint, and of them refused by throttling.
+    by_endpoint: dict[str, int] = field(default_factory=dict)
+    throttled: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -352,6 +356,19 @@ class DingTalkClient:
     @property
     def retries(self) -> int:
         return self._counts.retries
+
+    def take_calls(self) -> list[EndpointCalls]:
+        """The requests sent since the last call, per endpoint (to be counted against the
+        monthly quota), and start counting again."""
+        counts = self._counts
+        with counts.lock:
+            taken = [
+                EndpointCalls(endpoint, calls, counts.throttled.get(endpoint, 0))
+                for endpoint, calls in sorted(counts.by_endpoint.items())
+            ]
+            counts.by_endpoint.clear()
+            counts.throttled.clear()
+        return taken
 
     def get_chat(self, chatid: str, counter: CallCounter | None = None) -> dict[str, Any]:
         """Return ``chat_info`` for ``chatid`` (as received) or raise.
@@ -495,10 +512,12 @@ class DingTalkClient:
         url = f"{self._base}/{endpoint}"
         try:
             with self._pacer.slot():
-                with self._counts.lock:
-                    self._counts.api_calls += 1
+                counts = self._counts
+                with counts.lock:
+                    counts.api_calls += 1
+                    counts.by_endpoint[endpoint] = counts.by_endpoint.get(endpoint, 0) + 1
                     if counter.attempts > 0:
-                        self._counts.retries += 1
+                        counts.retries += 1
                 counter.attempts += 1
                 with self._session().get(
                     url, params=params, timeout=self._timeout, stream=True
@@ -511,7 +530,14 @@ class DingTalkClient:
             raise TransientError(f"{endpoint}: connection failed: {_short(exc)}") from exc
         except requests.RequestException as exc:
             raise TransientError(f"{endpoint}: request failed: {_short(exc)}") from exc
-        return classify(endpoint, status, body, headers)
+        try:
+            return classify(endpoint, status, body, headers)
+        except TransientError as exc:
+            if exc.throttled:
+                with self._counts.lock:
+                    throttled = self._counts.throttled
+                    throttled[endpoint] = throttled.get(endpoint, 0) + 1
+            raise
 
     def _read_limited(self, response: requests.Response, endpoint: str) -> bytes:
         chunks: list[bytes] = []

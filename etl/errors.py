@@ -8,6 +8,7 @@ Bottom layer: imports nothing from the rest of the package except ``etl.redact``
     ├── ConfigError               fix the configuration                     exit 78
     │   └── SchemaNotMigrated     run ``dingtalk-etl db upgrade``           exit 78
     ├── LockBusy                  another sync runs; nothing was done       exit 75
+    ├── QuotaExhausted            DingTalk said 90020 this month: wait for the next one
     ├── NoAnswer                  the synced data cannot answer a report    exit 1
     ├── TransientError            retry with backoff (-1, 90018, 5xx, 429, resets, non-JSON)
     ├── TokenError                refresh the access token once, then retry (40001/40014/42001)
@@ -94,6 +95,22 @@ class LockBusy(EtlError):
     """Another sync holds this database's lock; nothing was done."""
 
     exit_code = ExitCode.LOCKED
+
+
+class QuotaExhausted(EtlError):
+    """DingTalk answered 90020 this quota month: no call until ``resets_at``."""
+
+    def __init__(self, message: str, *, resets_at: dt.datetime) -> None:
+        super().__init__(message)
+        self.resets_at = resets_at
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Crosses the pipe from the reconcile process with its keyword argument.
+        return (_quota_exhausted, (self.message, self.resets_at))
+
+
+def _quota_exhausted(message: str, resets_at: dt.datetime) -> QuotaExhausted:
+    return QuotaExhausted(message, resets_at=resets_at)
 
 
 class NoAnswer(EtlError):

@@ -30,6 +30,7 @@ import structlog
 import tenacity
 from sqlalchemy import Engine
 
+from etl.budgetstore import BudgetLog
 from etl.config import Config
 from etl.db import open_database, require_schema, utcnow
 from etl.errors import EtlError
@@ -47,6 +48,7 @@ from etl.events import (
     parse_frame,
 )
 from etl.eventstore import EventStore, ListenerLog, Recorded
+from etl.quota import EndpointCalls
 from etl.reconcile_process import ReconcileProcess
 from etl.reconciler import Reconciler
 from etl.stream import StreamSocket, StreamUnavailable, open_connection
@@ -64,6 +66,8 @@ HEARTBEAT_SECONDS: Final = 5.0
 RECENT_EVENT_IDS: Final = 10_000
 # Frames read off the socket together at most: their events share one transaction.
 BATCH_FRAMES: Final = 200
+# The request that opens a Stream connection, as counted in api_calls.
+GATEWAY_ENDPOINT: Final = "gateway/connections/open"
 _BACKOFF_BASE: Final = 0.5
 _BACKOFF_MAX: Final = 30.0
 
@@ -99,6 +103,7 @@ class Listener:
         self.stop = stop
         self.store = EventStore(engine)
         self.log = ListenerLog(engine)
+        self.budget = BudgetLog(engine)
         self.stats = ListenerStats()
         # Called with the chatid of each event of a synced chat, once its rows are committed.
         self._on_event = on_event or (lambda _chatid: None)
@@ -135,12 +140,15 @@ class Listener:
             self._save(stopped_at=utcnow())
 
     def _connect(self) -> StreamSocket:
-        ticket = open_connection(
-            self.settings.gateway_url,
-            self.config.app_key,
-            self.config.app_secret,
-            timeout=self.config.dingtalk.timeout_seconds,
-        )
+        try:
+            ticket = open_connection(
+                self.settings.gateway_url,
+                self.config.app_key,
+                self.config.app_secret,
+                timeout=self.config.dingtalk.timeout_seconds,
+            )
+        finally:
+            self._count_call(GATEWAY_ENDPOINT)
         socket = StreamSocket(ticket, open_timeout=self.config.dingtalk.timeout_seconds)
         now = utcnow()
         self.stats.connected, self.stats.connected_since = True, now
@@ -148,6 +156,14 @@ class Listener:
         log.info("events.connected", gateway=self.settings.gateway_url)
         self._save()
         return socket
+
+    def _count_call(self, endpoint: str) -> None:
+        """Count a request to DingTalk against the monthly quota; a database that fails is
+        only logged (the listener goes on)."""
+        try:
+            self.budget.count([EndpointCalls(endpoint, 1)], source="listen", at=utcnow())
+        except EtlError as exc:
+            log.warning("events.call_not_counted", endpoint=endpoint, error=exc.message)
 
     def _pause(self, failures: int, exc: EtlError) -> None:
         """Wait before the next connection attempt (exponential, full jitter)."""

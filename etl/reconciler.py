@@ -4,13 +4,15 @@ A ``Reconciler`` keeps, for each chat with new events, the time its reconcile is
 (``[events] reconcile_delay_seconds`` after the arrival of its last event: a burst costs one
 call), and runs the due chats together through the function it is given (the sync's
 reconcile, a run with ``trigger = 'event'``). A run refused because another sync holds the
-lock, or that fails, is tried again later; the events wait in the database meanwhile
+lock, that fails, or that DingTalk's monthly quota does not allow (90020 this month) is tried
+again later; the events wait in the database meanwhile
 (``pushed_events.reconciled_at`` NULL), so a listener that restarts finds them again.
 Knows threads and time only.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -18,13 +20,15 @@ from typing import Final
 
 import structlog
 
-from etl.errors import LockBusy, describe_exception
+from etl.errors import LockBusy, QuotaExhausted, describe_exception
 
 log = structlog.get_logger("etl.reconciler")
 
 # A chat whose reconcile could not run (lock held, database or API down) waits this long.
 RETRY_SECONDS: Final = 5.0
 RETRY_MAX_SECONDS: Final = 300.0
+# After a 90020, the reconciles wait for the quota month to end, looking again this often.
+QUOTA_RETRY_SECONDS: Final = 3600.0
 
 
 class Reconciler:
@@ -84,6 +88,18 @@ class Reconciler:
                 log.info("events.reconcile_deferred", chats=len(chatids), reason="lock held")
                 self._again(chatids, RETRY_SECONDS)
                 continue
+            except QuotaExhausted as exc:
+                # The events are recorded meanwhile; their chats are read once calls are
+                # allowed again (looked at hourly, in case the quota was raised).
+                wait = max(RETRY_SECONDS, min(QUOTA_RETRY_SECONDS, _seconds_until(exc.resets_at)))
+                log.warning(
+                    "events.reconcile_deferred",
+                    chats=len(chatids),
+                    reason="monthly API quota used up (90020)",
+                    retry_in_seconds=round(wait),
+                )
+                self._again(chatids, wait)
+                continue
             except Exception as exc:  # noqa: BLE001 - the listener goes on; the events wait
                 self._failures += 1
                 wait = min(RETRY_MAX_SECONDS, RETRY_SECONDS * 2 ** (self._failures - 1))
@@ -119,3 +135,7 @@ class Reconciler:
                 # A newer event may have made it due later already.
                 self._due[chatid] = max(self._due.get(chatid, 0.0), at)
             self._changed.notify_all()
+
+
+def _seconds_until(at: dt.datetime) -> float:
+    return (at - dt.datetime.now(dt.UTC)).total_seconds()

@@ -10,12 +10,14 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
+from etl.budgetstore import record_calls, record_exhaustion
 from etl.db import database_errors
+from etl.quota import EndpointCalls
 from etl.schema import sync_run_items, sync_runs
 
 
@@ -25,7 +27,9 @@ class RunLog:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def start_run(self, trigger: str, chats_total: int, *, now: dt.datetime) -> tuple[int, int]:
+    def start_run(
+        self, trigger: str, chats_total: int, *, now: dt.datetime, chats_skipped: int = 0
+    ) -> tuple[int, int]:
         """Mark runs left ``running`` by dead processes ``abandoned``; insert this run's row.
 
         Only called while holding the sync lock, so any ``running`` row is a dead run's.
@@ -53,6 +57,7 @@ class RunLog:
                     chats_changed=0,
                     api_calls=0,
                     retries=0,
+                    chats_skipped=chats_skipped,
                     hostname=socket.gethostname()[:255],
                     pid=os.getpid(),
                 )
@@ -61,9 +66,23 @@ class RunLog:
             assert isinstance(run_id, int)
             return run_id, abandoned
 
-    def finish_run(self, run_id: int, values: Mapping[str, Any]) -> None:
+    def finish_run(
+        self,
+        run_id: int,
+        values: Mapping[str, Any],
+        *,
+        calls: Sequence[EndpointCalls] = (),
+        source: str = "manual",
+        quota_exhausted: str | None = None,
+    ) -> None:
+        """Record the run's outcome, with the calls no writer batch counted yet and, when
+        DingTalk answered 90020, that the month's quota is used up (``quota_exhausted``: why)."""
+        at = values.get("finished_at") or dt.datetime.now(dt.UTC)
         with database_errors("finishing the run"), self.engine.begin() as conn:
             conn.execute(update(sync_runs).where(sync_runs.c.id == run_id).values(**values))
+            record_calls(conn, calls, source=source, at=at, run_id=run_id)
+            if quota_exhausted is not None:
+                record_exhaustion(conn, at=at, source=source, run_id=run_id, error=quota_exhausted)
 
     def recent_runs(self, limit: int) -> list[dict[str, Any]]:
         with database_errors("reading runs"), self.engine.connect() as conn:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
-import random
 import signal
 import subprocess
 import sys
@@ -36,10 +34,9 @@ from apscheduler.events import (
 )
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
-from apscheduler.triggers.base import BaseTrigger
 
-from etl.config import SCHEDULE_TRIGGERS, Config
-from etl.crontab import cron_trigger
+from etl import budget
+from etl.config import Config
 from etl.db import open_database, require_schema, utcnow
 from etl.errors import (
     ConfigError,
@@ -50,73 +47,15 @@ from etl.errors import (
     exit_code_for,
 )
 from etl.monitoring import monitored_sync
+from etl.quota import quota_month
+from etl.sync import synced_chatids
+from etl.triggers import build_trigger, describe_trigger
 
 log = structlog.get_logger("etl.scheduler")
 
 JOB_ID: Final = "dingtalk-etl-sync"
 # APScheduler's own log lines are replaced by the schedule.* events below.
 _APSCHEDULER_LOGGER: Final = "apscheduler"
-
-
-def build_trigger(config: Config) -> Any:
-    """The APScheduler trigger of ``[schedule]``; ``ConfigError`` when there is none."""
-    settings = config.schedule
-    timezone = zoneinfo.ZoneInfo(settings.timezone)
-    jitter = settings.jitter_seconds or None
-    if settings.cron is not None:
-        try:
-            return cron_trigger(settings.cron, timezone, jitter)
-        except ValueError as exc:  # validated at load time; kept for direct callers
-            raise ConfigError(f"{config.path}: [schedule] cron: {exc}") from None
-    seconds = settings.interval_seconds
-    if settings.interval_minutes is not None:
-        seconds = settings.interval_minutes * 60
-    if seconds is None:
-        keys = ", ".join(SCHEDULE_TRIGGERS[:2])
-        raise ConfigError(
-            f"{config.path}: [schedule] {keys}: `dingtalk-etl schedule` needs one of them "
-            '(e.g. cron = "10 * * * *")'
-        )
-    return AlignedInterval(seconds, timezone=timezone, jitter=jitter)
-
-
-class AlignedInterval(BaseTrigger):  # type: ignore[misc]  # APScheduler has no type hints
-    """Every ``seconds`` at multiples of ``seconds`` since the UTC epoch, plus 0..``jitter``.
-
-    Unlike APScheduler's IntervalTrigger, the fires stay on the same slots whatever the start
-    time (``run_on_start``, a restart) and the jitter does not accumulate, so instances on
-    several machines fire together. ``jitter`` should stay below ``seconds``.
-    """
-
-    def __init__(
-        self, seconds: int, *, timezone: dt.tzinfo = dt.UTC, jitter: int | None = None
-    ) -> None:
-        self.seconds = seconds
-        self.timezone = timezone
-        self.jitter = jitter
-
-    def get_next_fire_time(
-        self, previous_fire_time: dt.datetime | None, now: dt.datetime
-    ) -> dt.datetime:
-        slot = math.ceil(now.timestamp() / self.seconds) * self.seconds
-        if previous_fire_time is not None:
-            # A jittered fire lies less than `seconds` after its slot.
-            previous_slot = math.floor(previous_fire_time.timestamp() / self.seconds)
-            slot = max(slot, (previous_slot + 1) * self.seconds)
-        when = float(slot) + (random.uniform(0, self.jitter) if self.jitter else 0.0)
-        return dt.datetime.fromtimestamp(when, tz=self.timezone)
-
-    def __str__(self) -> str:
-        return f"every {self.seconds}s aligned to the epoch"
-
-
-def describe_trigger(config: Config) -> str:
-    settings = config.schedule
-    if settings.cron is not None:
-        return f"cron {settings.cron!r} in {settings.timezone}"
-    if settings.interval_minutes is not None:
-        return f"every {settings.interval_minutes} minutes"
-    return f"every {settings.interval_seconds} seconds"
 
 
 def run_schedule(config: Config, stop: threading.Event) -> None:
@@ -231,6 +170,8 @@ class SyncScheduler:
                     log.info("schedule.next_fire", next_fire=_iso(self._next_fire()))
 
     def _sync_once(self) -> None:
+        if self._quota_exhausted():
+            return
         try:
             result = monitored_sync(self.config, trigger="schedule", stop=self.stop)
         except LockBusy:
@@ -261,6 +202,25 @@ class SyncScheduler:
                 log.info("schedule.run_done", **fields)
             else:
                 log.warning("schedule.run_done", **fields)
+
+    def _quota_exhausted(self) -> bool:
+        """Whether DingTalk said 90020 this quota month: then no fire polls until the next."""
+        now = utcnow()
+        try:
+            with open_database(self.config) as engine:
+                exhausted_at = budget.exhausted(self.config, engine, now)
+        except DatabaseFailure:
+            return False  # the run says what is wrong with the database
+        if exhausted_at is None:
+            return False
+        month = quota_month(now, self.config.dingtalk.quota_timezone)
+        log.warning(
+            "schedule.quota_exhausted",
+            exhausted_at=exhausted_at.isoformat(),
+            polls_again_at=month.end.isoformat(),
+            reason="DingTalk said the month's API quota is used up (90020); this fire is skipped",
+        )
+        return True
 
     def _next_fire(self) -> dt.datetime | None:
         job = self._scheduler.get_job(JOB_ID)
@@ -326,10 +286,14 @@ class ListenerProcess:
 
 
 def _check_database(config: Config) -> None:
-    """Refuse to start on an unmigrated schema; a database that is down is only logged."""
+    """Refuse to start on an unmigrated schema; a database that is down is only logged.
+
+    Also says (``quota.projection_exceeds``) when the schedule cannot fit the monthly quota.
+    """
     try:
         with open_database(config) as engine:
             require_schema(engine, "checking the schema")
+            budget.warn_if_over(config, engine, synced_chatids(config, engine), utcnow())
     except DatabaseFailure as exc:
         log.warning("schedule.database_unreachable", error=exc.message)
 

@@ -100,6 +100,8 @@ sync_runs = Table(
     Column("error", Text),
     Column("hostname", String(255)),
     Column("pid", Integer),
+    # In the synced set, not due (or not affordable under the quota), not read.
+    Column("chats_skipped", Integer, nullable=False, default=0, server_default=text("0")),
     Index("ix_sync_runs_started_at", "started_at"),
     Index("ix_sync_runs_status", "status"),
     **MYSQL_TABLE_ARGS,
@@ -127,6 +129,9 @@ chats = Table(
     Column("dismissed_at", UTCDateTime()),
     Column("raw", JSON, nullable=False),
     Column("fingerprint", String(64), nullable=False),
+    # The poll plan ([sync] polling = "adaptive"): the chat's interval and when it is due.
+    Column("poll_interval_seconds", Integer),
+    Column("next_poll_at", UTCDateTime()),
     Index("ix_chats_owner_userid", "owner_userid"),
     Index("ix_chats_status", "status"),
     **MYSQL_TABLE_ARGS,
@@ -242,5 +247,36 @@ event_listeners = Table(
     Column("error", Text),
     Column("updated_at", UTCDateTime(), nullable=False),
     Index("ix_event_listeners_updated_at", "updated_at"),
+    **MYSQL_TABLE_ARGS,
+)
+
+# Every HTTP request to DingTalk, counted by whoever sent it: a run's calls per writer batch,
+# the listener's gateway calls as they happen. Calls this month: one sum over counted_at.
+api_calls = Table(
+    "api_calls",
+    metadata,
+    Column("id", BigID, primary_key=True, autoincrement=True),
+    Column("counted_at", UTCDateTime(), nullable=False),
+    # The run's trigger (manual, schedule, event) or "listen".
+    Column("source", String(16), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("calls", Integer, nullable=False),
+    # Of these, refused by throttling (errcode 88/90018...): DingTalk does not count them.
+    Column("throttled", Integer, nullable=False, default=0, server_default=text("0")),
+    Column("run_id", Integer),
+    Index("ix_api_calls_counted_at", "counted_at"),
+    **MYSQL_TABLE_ARGS,
+)
+
+# Each 90020 (the organisation's monthly quota used up) DingTalk answered.
+quota_exhaustions = Table(
+    "quota_exhaustions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("occurred_at", UTCDateTime(), nullable=False),
+    Column("source", String(16), nullable=False),
+    Column("run_id", Integer),
+    Column("error", Text),
+    Index("ix_quota_exhaustions_occurred_at", "occurred_at"),
     **MYSQL_TABLE_ARGS,
 )

@@ -36,6 +36,8 @@ class StopReason:
 
     kind: StopKind
     message: str
+    # DingTalk's errcode, when a fatal API error stopped the run (90020: quota used up).
+    errcode: int | None = None
 
     @property
     def interrupted(self) -> bool:
@@ -44,7 +46,8 @@ class StopReason:
 
     @classmethod
     def of(cls, exc: FatalError) -> StopReason:
-        return cls("lost lock" if isinstance(exc, LockLost) else "fatal error", exc.message)
+        kind: StopKind = "lost lock" if isinstance(exc, LockLost) else "fatal error"
+        return cls(kind, exc.message, getattr(exc, "errcode", None))
 
 
 class RunStop:

@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection, Engine, bindparam, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from etl.budgetstore import record_calls
 from etl.bulk import BatchRows, BulkWriter, padded
 from etl.db import as_writer, describe_db_error, utcnow
 from etl.errors import DatabaseFailure
 from etl.eventstore import RECONCILED_OUTCOMES, mark_reconciled
 from etl.normalize import ATTRIBUTE_FIELDS, ChatRecord
 from etl.planner import ChatPlan, LogRow, StoredChat, explain, plan_chat
+from etl.polling import NextPoll
+from etl.quota import EndpointCalls
 from etl.schema import chat_events, chat_members, chats, pushed_events
 
 
@@ -49,7 +52,7 @@ class ChatOutcome:
 # FOR UPDATE: an event for one of these chats (etl.eventstore) waits for this batch, and
 # this batch for it (SQLite: the writer's lock does the same).
 _SELECT_FINGERPRINTS = (
-    select(chats.c.chatid, chats.c.fingerprint)
+    select(chats.c.chatid, chats.c.fingerprint, chats.c.poll_interval_seconds)
     .where(chats.c.chatid.in_(bindparam("chatids", expanding=True)))
     .with_for_update()
 )
@@ -138,29 +141,45 @@ class Store:
         with conn.begin():
             yield conn
 
-    def write_chats(self, run_id: int, outcomes: Sequence[ChatOutcome]) -> list[bool]:
+    def write_chats(
+        self,
+        run_id: int,
+        outcomes: Sequence[ChatOutcome],
+        *,
+        calls: Sequence[EndpointCalls] = (),
+        source: str = "manual",
+        next_poll: NextPoll | None = None,
+    ) -> list[bool]:
         """Write a batch of fetched chats in one transaction; return whether each changed.
 
         Every chat's writes (chats row, members, events, run item) commit together, and
         together with the rest of the batch: a transaction costs the database the same for
-        one chat as for ten.
+        one chat as for ten. ``calls``: the API calls made since the last batch, counted in
+        the same transaction; ``next_poll``: sets each chat's poll plan (adaptive polling).
         """
-        if not outcomes:
+        if not outcomes and not calls:
             return []
         try:
             with self._writing() as conn:
-                return self._write(conn, run_id, outcomes)
+                record_calls(conn, calls, source=source, at=utcnow(), run_id=run_id)
+                return self._write(conn, run_id, outcomes, next_poll) if outcomes else []
         except SQLAlchemyError as exc:
             doing = "writing " + _describe_chats([o.chatid for o in outcomes])
             raise DatabaseFailure(
                 f"database error while {doing}: {describe_db_error(exc)}"
             ) from exc
 
-    def _write(self, conn: Connection, run_id: int, outcomes: Sequence[ChatOutcome]) -> list[bool]:
+    def _write(
+        self,
+        conn: Connection,
+        run_id: int,
+        outcomes: Sequence[ChatOutcome],
+        next_poll: NextPoll | None,
+    ) -> list[bool]:
         records = [o.record for o in outcomes if o.record is not None]
         chatids = [r.chatid for r in records]
         # Fingerprints first: most chats need nothing else of their stored state.
-        known = _fingerprints(conn, chatids) if records else {}
+        known, intervals = _fingerprints(conn, chatids) if records else ({}, {})
         unconfirmed = _unconfirmed(conn, chatids) if records else Unconfirmed()
         changed = [
             r
@@ -190,6 +209,9 @@ class Store:
                 plan = plan_chat(record, stored.get(record.chatid), outcome.observed_at)
                 self._add_plan(rows, run_id, plan)
                 is_changed = plan.changed
+            if record is not None and next_poll is not None:
+                interval, due = next_poll.after(intervals.get(record.chatid), is_changed)
+                rows.plans.append((record.chatid, interval, due))
             rows.items.append(
                 (
                     run_id,
@@ -245,12 +267,18 @@ class Store:
         )
 
 
-def _fingerprints(conn: Connection, chatids: list[str]) -> dict[str, str]:
-    """The stored fingerprint of each of ``chatids`` that has a ``chats`` row."""
-    params = {"chatids": padded(chatids)}
-    return {
-        chatid: fingerprint for chatid, fingerprint in conn.execute(_SELECT_FINGERPRINTS, params)
-    }
+def _fingerprints(
+    conn: Connection, chatids: list[str]
+) -> tuple[dict[str, str], dict[str, int | None]]:
+    """The stored fingerprint and poll interval of each of ``chatids`` that has a row."""
+    fingerprints: dict[str, str] = {}
+    intervals: dict[str, int | None] = {}
+    for chatid, fingerprint, interval in conn.execute(
+        _SELECT_FINGERPRINTS, {"chatids": padded(chatids)}
+    ):
+        fingerprints[chatid] = fingerprint
+        intervals[chatid] = interval
+    return fingerprints, intervals
 
 
 @dataclass

@@ -13,6 +13,7 @@ their internals.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,14 +24,17 @@ from typing import Final
 import structlog
 from sqlalchemy import Engine
 
-from etl import migrate
+from etl import budget, migrate
+from etl.budget import choose_chats
 from etl.config import Config
 from etl.db import database_errors, open_database, utcnow
 from etl.dingtalk import DingTalkClient, Pacer
-from etl.errors import EtlError, ExitCode, FatalError, LockBusy
+from etl.errors import EtlError, ExitCode, FatalError, LockBusy, QuotaExhausted
 from etl.eventstore import EventStore
 from etl.fetch import FetchStage
 from etl.lock import OwnedLock, run_lock
+from etl.polling import NextPoll
+from etl.quota import QUOTA_EXHAUSTED, EndpointCalls, quota_month
 from etl.runlog import RunLog
 from etl.stop import RunStop, StopReason
 from etl.store import ChatOutcome, Store
@@ -69,6 +73,10 @@ class RunResult:
     duration_seconds: float = 0.0
     error: str | None = None
     failures: list[ChatFailure] = field(default_factory=list)
+    # In the synced set, not read: not due, or deferred for the quota.
+    chats_skipped: int = 0
+    # DingTalk said 90020: the month's quota is used up.
+    quota_exhausted: bool = False
 
     @property
     def exit_code(self) -> ExitCode:
@@ -79,10 +87,11 @@ class RunResult:
         return ExitCode.FAILED
 
     def summary(self) -> str:
+        skipped = f", {self.chats_skipped} not due" if self.chats_skipped else ""
         line = (
             f"run {self.run_id} {self.status}: {self.chats_succeeded} ok, "
             f"{self.chats_failed} failed, {self.chats_changed} changed of {self.chats_total} "
-            f"chats; {self.api_calls} api calls, {self.retries} retries; "
+            f"chats{skipped}; {self.api_calls} api calls, {self.retries} retries; "
             f"{self.duration_seconds:.1f}s"
         )
         if self.error:
@@ -101,11 +110,14 @@ def run_sync(
     config: Config,
     *,
     chatids: Sequence[str] | None = None,
+    all_chats: bool = False,
     trigger: str = "manual",
     migrate_schema: bool = False,
     stop: threading.Event | None = None,
 ) -> RunResult:
-    """Run one sync over ``chatids`` (default: the configured ones).
+    """Run one sync over ``chatids``, else (``all_chats``) the whole synced set, else the
+    chats of the synced set that are due (``etl.budget.choose_chats``: the poll plan and the
+    monthly quota decide).
 
     Raises ``ConfigError`` (schema not migrated), ``LockBusy`` and ``DatabaseFailure`` before a
     run row exists; once the run has started, problems are recorded on it and returned.
@@ -116,43 +128,89 @@ def run_sync(
                 migrate.upgrade(engine)
             else:
                 migrate.check_schema(engine)
-        wanted = tuple(dict.fromkeys(chatids)) if chatids else synced_chatids(config, engine)
         with (
             database_errors("taking the sync lock"),
             run_lock(engine) as lock,
             Store(engine) as store,
         ):
-            return _run(config, store, lock, wanted, trigger, stop)
+            started_at = utcnow()
+            if chatids:
+                wanted, skipped = tuple(dict.fromkeys(chatids)), 0
+            else:
+                synced = synced_chatids(config, engine)
+                budget.warn_if_over(config, engine, synced, started_at)
+                if all_chats:
+                    wanted, skipped = synced, 0
+                else:
+                    selection = choose_chats(config, engine, synced, started_at)
+                    wanted, skipped = selection.due, len(selection.skipped)
+            return _run(config, store, lock, _Chats(wanted, skipped, started_at), trigger, stop)
+
+
+@dataclass(frozen=True)
+class _Chats:
+    """What a run reads, how many of the synced set it leaves, and when it started."""
+
+    wanted: tuple[str, ...]
+    skipped: int
+    started_at: dt.datetime
 
 
 def _run(
     config: Config,
     store: Store,
     lock: OwnedLock,
-    chatids: tuple[str, ...],
+    chats: _Chats,
     trigger: str,
     signal: threading.Event | None,
 ) -> RunResult:
     """One run, the lock held: its row, fetch stage -> writer stage, why it stopped, outcome."""
     started = time.monotonic()
+    chatids = chats.wanted
     recorder = RunRecorder(RunLog(store.engine))
-    run_id, abandoned = recorder.start(trigger, len(chatids))
-    result = RunResult(run_id=run_id, status="running", trigger=trigger, chats_total=len(chatids))
+    run_id, abandoned = recorder.start(trigger, len(chatids), chats.skipped, chats.started_at)
+    result = RunResult(
+        run_id=run_id,
+        status="running",
+        trigger=trigger,
+        chats_total=len(chatids),
+        chats_skipped=chats.skipped,
+    )
     with structlog.contextvars.bound_contextvars(run_id=run_id):
         if abandoned:
             log.warning("run.abandoned_marked", count=abandoned)
         concurrency = config.sync.concurrency
-        log.info("run.started", trigger=trigger, chats_total=len(chatids), concurrency=concurrency)
+        log.info(
+            "run.started",
+            trigger=trigger,
+            chats_total=len(chatids),
+            chats_skipped=chats.skipped,
+            concurrency=concurrency,
+        )
         stop = RunStop(signal, config.sync.run_budget_seconds)
         with _client(config, stop.halt) as client:
-            fetch = FetchStage(client, chatids, concurrency, stop)
-            writer = WriterStage(store, lock, result)
-            with stop.watching():
-                _fetch_and_write(fetch, writer, stop)
-            reason = _stop_reason(stop, writer, result)
+            if chatids:
+                fetch = FetchStage(client, chatids, concurrency, stop)
+                writer = WriterStage(
+                    store, lock, result, client, _next_poll(config, chats.started_at)
+                )
+                with stop.watching():
+                    _fetch_and_write(fetch, writer, stop)
+                reason = _stop_reason(stop, writer, result)
+            else:
+                reason = None  # nothing is due: no token, no call
             _settle(result, reason, client, started)
-        recorder.finish(result)
+            recorder.finish(result, client.take_calls())
         return result
+
+
+def _next_poll(config: Config, started_at: dt.datetime) -> NextPoll | None:
+    """How a run sets the poll plan of what it reads (adaptive polling only: with every_run
+    the plan is not used, and an unchanged chat's write stays one shared update)."""
+    settings = config.sync
+    if settings.polling != "adaptive":
+        return None
+    return NextPoll(started_at, settings.poll_interval_seconds, settings.max_poll_interval_seconds)
 
 
 def _fetch_and_write(fetch: FetchStage, writer: WriterStage, stop: RunStop) -> None:
@@ -197,6 +255,7 @@ def _settle(
     result.api_calls = client.api_calls - counted[0]
     result.retries = client.retries - counted[1]
     result.duration_seconds = time.monotonic() - started
+    result.quota_exhausted = reason is not None and reason.errcode == QUOTA_EXHAUSTED
     if reason is None:
         result.status = "partial" if result.chats_failed else "succeeded"
         return
@@ -234,19 +293,35 @@ class WriterStage:
     the sync lock: a server-side lock ends with its session, which can die while we go on.
     """
 
-    def __init__(self, store: Store, lock: OwnedLock, result: RunResult) -> None:
+    def __init__(
+        self,
+        store: Store,
+        lock: OwnedLock,
+        result: RunResult,
+        client: DingTalkClient,
+        next_poll: NextPoll | None = None,
+    ) -> None:
         assert result.run_id is not None
         self._run_id = result.run_id
         self._store = store
         self._lock = lock
         self._lock_checked = time.monotonic()
         self._result = result
+        self._client = client
+        self._next_poll = next_poll
 
     def write(self, batch: list[ChatOutcome]) -> None:
-        """Write ``batch``; raise ``FatalError`` if the database fails or the lock is gone."""
+        """Write ``batch``, and count the API calls made since the last one, in one
+        transaction; raise ``FatalError`` if the database fails or the lock is gone."""
         if time.monotonic() - self._lock_checked >= LOCK_CHECK_SECONDS:
             self.verify_lock()
-        changes = self._store.write_chats(self._run_id, batch)
+        changes = self._store.write_chats(
+            self._run_id,
+            batch,
+            calls=self._client.take_calls(),
+            source=self._result.trigger,
+            next_poll=self._next_poll,
+        )
         for outcome, changed in zip(batch, changes, strict=True):
             if outcome.record is not None:
                 self._result.chats_succeeded += 1
@@ -279,12 +354,21 @@ class RunRecorder:
     def __init__(self, runlog: RunLog) -> None:
         self._runlog = runlog
 
-    def start(self, trigger: str, chats_total: int) -> tuple[int, int]:
-        """Insert the run's row; return its id and how many dead runs were marked abandoned."""
-        return self._runlog.start_run(trigger, chats_total, now=utcnow())
+    def start(
+        self,
+        trigger: str,
+        chats_total: int,
+        chats_skipped: int = 0,
+        at: dt.datetime | None = None,
+    ) -> tuple[int, int]:
+        """Insert the run's row (started ``at``, default now); return its id and how many
+        dead runs were marked abandoned."""
+        return self._runlog.start_run(
+            trigger, chats_total, now=at or utcnow(), chats_skipped=chats_skipped
+        )
 
-    def finish(self, result: RunResult) -> None:
-        """Record the outcome on the run's row, and log it."""
+    def finish(self, result: RunResult, calls: Sequence[EndpointCalls] = ()) -> None:
+        """Record the outcome on the run's row with the ``calls`` no batch counted, and log it."""
         assert result.run_id is not None
         try:
             self._runlog.finish_run(
@@ -299,6 +383,9 @@ class RunRecorder:
                     "retries": result.retries,
                     "error": result.error,
                 },
+                calls=calls,
+                source=result.trigger,
+                quota_exhausted=result.error if result.quota_exhausted else None,
             )
         except EtlError as exc:
             # The database is gone: the row stays "running" and the next run marks it
@@ -307,6 +394,8 @@ class RunRecorder:
             result.error = f"{result.error or 'run finished'}; and {exc.message}"
             log.error("run.finish_not_recorded", error=exc.message)
         _log_finished(result)
+        if result.quota_exhausted:
+            log.error("quota.exhausted", error=result.error)
 
 
 def _log_finished(result: RunResult) -> None:
@@ -317,6 +406,7 @@ def _log_finished(result: RunResult) -> None:
         chats_succeeded=result.chats_succeeded,
         chats_failed=result.chats_failed,
         chats_changed=result.chats_changed,
+        chats_skipped=result.chats_skipped,
         api_calls=result.api_calls,
         retries=result.retries,
         duration_seconds=round(result.duration_seconds, 3),
@@ -364,9 +454,11 @@ class ReconcileRuns:
         self._client = _new_client(config, self._stop)
 
     def __call__(self, chatids: Sequence[str]) -> RunResult:
+        """One reconcile run; raises ``QuotaExhausted`` (no call) after a 90020 this month."""
         config, engine, client = self._config, self._engine, self._client
+        _refuse_when_exhausted(config, engine)
         wanted = tuple(dict.fromkeys(chatids))
-        started = time.monotonic()
+        started, started_at = time.monotonic(), utcnow()
         counted = (client.api_calls, client.retries)
         run_stop = RunStop(self._stop, config.sync.run_budget_seconds)
         fetch = FetchStage(client, wanted, config.sync.concurrency, run_stop)
@@ -378,7 +470,7 @@ class ReconcileRuns:
             Store(engine) as store,
         ):
             recorder = RunRecorder(RunLog(engine))
-            run_id, abandoned = recorder.start("event", len(wanted))
+            run_id, abandoned = recorder.start("event", len(wanted), at=started_at)
             result = RunResult(
                 run_id=run_id, status="running", trigger="event", chats_total=len(wanted)
             )
@@ -386,14 +478,26 @@ class ReconcileRuns:
                 if abandoned:
                     log.warning("run.abandoned_marked", count=abandoned)
                 log.info("run.started", trigger="event", chats_total=len(wanted))
-                writer = WriterStage(store, lock, result)
+                writer = WriterStage(store, lock, result, client, _next_poll(config, started_at))
                 _write(fetched, writer, run_stop)
                 _settle(result, _stop_reason(run_stop, writer, result), client, started, counted)
-                recorder.finish(result)
+                recorder.finish(result, client.take_calls())
             return result
 
     def close(self) -> None:
         self._client.close()
+
+
+def _refuse_when_exhausted(config: Config, engine: Engine) -> None:
+    now = utcnow()
+    exhausted_at = budget.exhausted(config, engine, now)
+    if exhausted_at is not None:
+        month = quota_month(now, config.dingtalk.quota_timezone)
+        raise QuotaExhausted(
+            f"DingTalk said the month's API quota is used up (90020) at "
+            f"{exhausted_at.isoformat()}; no call until {month.end.isoformat()}",
+            resets_at=month.end,
+        )
 
 
 @contextmanager

@@ -25,7 +25,15 @@ from sqlalchemy.exc import DBAPIError
 
 from etl import migrate
 from etl.db import create_db_engine
-from etl.schema import chat_events, chat_members, chats, sync_run_items, sync_runs
+from etl.schema import (
+    api_calls,
+    chat_events,
+    chat_members,
+    chats,
+    quota_exhaustions,
+    sync_run_items,
+    sync_runs,
+)
 
 APP_KEY = "test-key"
 APP_SECRET = "test-secret-9f8e7d6c5b4a"
@@ -233,6 +241,8 @@ TABLES = {
     "chat_events": chat_events,
     "sync_runs": sync_runs,
     "sync_run_items": sync_run_items,
+    "api_calls": api_calls,
+    "quota_exhaustions": quota_exhaustions,
 }
 ORDER = {
     "chats": [chats.c.chatid],
@@ -240,6 +250,8 @@ ORDER = {
     "chat_events": [chat_events.c.id],
     "sync_runs": [sync_runs.c.id],
     "sync_run_items": [sync_run_items.c.run_id, sync_run_items.c.chatid],
+    "api_calls": [api_calls.c.id],
+    "quota_exhaustions": [quota_exhaustions.c.id],
 }
 
 

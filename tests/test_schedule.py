@@ -27,7 +27,8 @@ from etl.cli import cli
 from etl.config import load_config, parse_config
 from etl.crontab import crontab_fields
 from etl.errors import ConfigError
-from etl.scheduler import JOB_ID, AlignedInterval, SyncScheduler, build_trigger
+from etl.scheduler import JOB_ID, SyncScheduler
+from etl.triggers import AlignedInterval, build_trigger
 from etl.simulator import Simulator, World
 from etl.sync import run_sync
 from tests.conftest import APP_KEY, APP_SECRET, MakeConfig

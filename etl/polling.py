@@ -1,0 +1,188 @@
+"""Which chats a run reads: the poll plan, pure (plain data in, decisions out).
+
+``[sync] polling = "every_run"`` reads every chat of the synced set but the dismissed ones;
+``"adaptive"`` reads the chats that are due:
+
+- a chat never read is due; a dismissed chat (status 2) never is (its state is final);
+- a chat read before is due at its ``next_poll_at``: the start of the run that last read it
+  plus its interval, which starts at ``poll_interval_seconds``, doubles each time the chat is
+  read unchanged, up to ``max_poll_interval_seconds``, and goes back to the start when it
+  changed (``next_interval``);
+- while an event listener is connected, changes arrive as events and polls are a safety net:
+  a chat is due ``max_poll_interval_seconds`` after its last read;
+- a chat with events that wait for a reconcile is due at its reconcile
+  (``reconcile_delay_seconds`` after the arrival of the last one).
+
+"Due" looks ``lookahead`` seconds past the run's start: a run that starts a little early (cron
+drift, jitter, a long previous run) reads the chats that fall due while it runs instead of
+leaving them to the next run, an interval later.
+
+With a monthly quota, ``afford`` keeps the most overdue chats a run can pay for.
+Knows no database, no HTTP, no clock: ``now`` is given.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+
+DISMISSED: Final = 2
+# A run looks at least this far ahead (cron and the scheduler fire within seconds of the slot).
+MIN_LOOKAHEAD_SECONDS: Final = 60.0
+# Calls a run makes besides one chat/get per chat: its access token.
+TOKEN_CALLS_PER_RUN: Final = 1
+
+Polling = Literal["every_run", "adaptive"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatPoll:
+    """What the plan knows of one chat of the synced set (``status`` None: never read)."""
+
+    chatid: str
+    status: int | None = None
+    last_synced_at: dt.datetime | None = None
+    next_poll_at: dt.datetime | None = None
+    # When the last event that waits for this chat's reconcile arrived.
+    events_waiting_since: dt.datetime | None = None
+    interval_seconds: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PollPolicy:
+    polling: Polling
+    base_seconds: int
+    max_seconds: int
+    lookahead_seconds: float = MIN_LOOKAHEAD_SECONDS
+    listener_connected: bool = False
+    reconcile_delay_seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """A run's chats: ``due`` (in the synced set's order), ``skipped`` (in the set, not read)."""
+
+    due: tuple[str, ...]
+    skipped: tuple[str, ...]
+    # Of ``skipped``, due but beyond what the quota left allows.
+    deferred: tuple[str, ...] = ()
+
+
+def due_at(chat: ChatPoll, policy: PollPolicy) -> dt.datetime | None:
+    """When ``chat`` is due next (None: now, it was never read); ``datetime.max`` for never."""
+    if chat.status is None or chat.last_synced_at is None:
+        return None
+    if chat.status == DISMISSED:
+        return _NEVER
+    if policy.polling == "every_run":
+        return chat.last_synced_at  # due at every run
+    if policy.listener_connected:
+        due = chat.last_synced_at + dt.timedelta(seconds=policy.max_seconds)
+    elif chat.next_poll_at is None:
+        return chat.last_synced_at  # read before the plan existed
+    else:
+        due = chat.next_poll_at
+    if chat.events_waiting_since is not None:
+        reconcile = chat.events_waiting_since + dt.timedelta(seconds=policy.reconcile_delay_seconds)
+        due = min(due, reconcile)
+    return due
+
+
+def select(
+    chats: Sequence[ChatPoll], policy: PollPolicy, now: dt.datetime, *, affordable: int | None
+) -> Selection:
+    """The chats due at ``now``, at most ``affordable`` of them (the most overdue)."""
+    horizon = now + dt.timedelta(seconds=policy.lookahead_seconds)
+    ranked: list[tuple[dt.datetime, int, str]] = []
+    skipped: list[str] = []
+    for order, chat in enumerate(chats):
+        when = due_at(chat, policy)
+        if when is None:
+            ranked.append((_NEVER_READ, order, chat.chatid))
+        elif when <= horizon:
+            ranked.append((when, order, chat.chatid))
+        else:
+            skipped.append(chat.chatid)
+    deferred: list[str] = []
+    if affordable is not None and len(ranked) > affordable:
+        # The quota pays for some: the most overdue (never read first), in the set's order.
+        ranked.sort()
+        cut = max(0, affordable)
+        deferred = [chatid for _when, _order, chatid in ranked[cut:]]
+        ranked = sorted(ranked[:cut], key=lambda item: item[1])
+    due = [chatid for _when, _order, chatid in ranked]
+    return Selection(tuple(due), tuple(skipped + deferred), tuple(deferred))
+
+
+def affordable_chats(remaining_calls: int | None) -> int | None:
+    """How many chats a run can read with ``remaining_calls`` left this month (None: no quota)."""
+    if remaining_calls is None:
+        return None
+    return max(0, remaining_calls - TOKEN_CALLS_PER_RUN)
+
+
+def next_interval(previous: int | None, changed: bool, base: int, maximum: int) -> int:
+    """A chat's interval after a read: back to ``base`` when it changed, else doubled."""
+    if changed or previous is None:
+        return base
+    return min(maximum, max(base, previous * 2))
+
+
+def reads_per_fire(
+    chats: Sequence[ChatPoll], policy: PollPolicy, fires: Sequence[dt.datetime]
+) -> list[int]:
+    """How many chats each of ``fires`` would read if nothing changed from now on.
+
+    Each chat keeps its current interval (a projection cannot know which chats will change:
+    a change shortens an interval, quiet lengthens it); a chat never read is read at the
+    first fire, a dismissed one at none.
+    """
+    counts = [0] * len(fires)
+    if not fires:
+        return counts
+    ahead = dt.timedelta(seconds=policy.lookahead_seconds)
+    for chat in chats:
+        when = due_at(chat, policy)
+        if when == _NEVER:
+            continue
+        if policy.polling == "every_run":
+            counts = [n + 1 for n in counts]
+            continue
+        step = dt.timedelta(
+            seconds=policy.max_seconds
+            if policy.listener_connected
+            else (chat.interval_seconds or policy.base_seconds)
+        )
+        index = 0 if when is None else bisect.bisect_left(fires, when - ahead)
+        while index < len(fires):
+            counts[index] += 1
+            index = bisect.bisect_left(fires, fires[index] + step - ahead, lo=index + 1)
+    return counts
+
+
+@dataclass(frozen=True, slots=True)
+class NextPoll:
+    """Sets the poll plan of the chats a run reads (adaptive polling): the interval after the
+    read, and the due time counted from the run's start (so that the next run, on the same
+    schedule, finds the chat due however far into this run it was read)."""
+
+    run_started_at: dt.datetime
+    base_seconds: int
+    max_seconds: int
+
+    def after(self, previous: int | None, changed: bool) -> tuple[int, dt.datetime]:
+        interval = next_interval(previous, changed, self.base_seconds, self.max_seconds)
+        return interval, self.run_started_at + dt.timedelta(seconds=interval)
+
+
+def lookahead(previous_run_seconds: float | None, jitter_seconds: float = 0.0) -> float:
+    """How far past its start a run looks for due chats: its own span (the previous run's
+    duration, at least ``MIN_LOOKAHEAD_SECONDS``) plus the schedule's jitter."""
+    return max(MIN_LOOKAHEAD_SECONDS, previous_run_seconds or 0.0) + jitter_seconds
+
+
+_NEVER: Final = dt.datetime.max.replace(tzinfo=dt.UTC)
+_NEVER_READ: Final = dt.datetime.min.replace(tzinfo=dt.UTC)

@@ -1,0 +1,98 @@
+"""When `schedule` fires: the APScheduler trigger of ``[schedule]``, and the fires it makes.
+
+Used by the scheduler (to fire) and by the API budget (to project a month's calls). Knows the
+configuration and APScheduler's triggers only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import random
+import zoneinfo
+from collections.abc import Iterator
+from typing import Any
+
+from apscheduler.triggers.base import BaseTrigger
+
+from etl.config import SCHEDULE_TRIGGERS, Config
+from etl.crontab import cron_trigger
+from etl.errors import ConfigError
+
+
+def build_trigger(config: Config) -> Any:
+    """The APScheduler trigger of ``[schedule]``; ``ConfigError`` when there is none."""
+    settings = config.schedule
+    timezone = zoneinfo.ZoneInfo(settings.timezone)
+    jitter = settings.jitter_seconds or None
+    if settings.cron is not None:
+        try:
+            return cron_trigger(settings.cron, timezone, jitter)
+        except ValueError as exc:  # validated at load time; kept for direct callers
+            raise ConfigError(f"{config.path}: [schedule] cron: {exc}") from None
+    seconds = settings.interval_seconds
+    if settings.interval_minutes is not None:
+        seconds = settings.interval_minutes * 60
+    if seconds is None:
+        keys = ", ".join(SCHEDULE_TRIGGERS[:2])
+        raise ConfigError(
+            f"{config.path}: [schedule] {keys}: `dingtalk-etl schedule` needs one of them "
+            '(e.g. cron = "10 * * * *")'
+        )
+    return AlignedInterval(seconds, timezone=timezone, jitter=jitter)
+
+
+class AlignedInterval(BaseTrigger):  # type: ignore[misc]  # APScheduler has no type hints
+    """Every ``seconds`` at multiples of ``seconds`` since the UTC epoch, plus 0..``jitter``.
+
+    Unlike APScheduler's IntervalTrigger, the fires stay on the same slots whatever the start
+    time (``run_on_start``, a restart) and the jitter does not accumulate, so instances on
+    several machines fire together. ``jitter`` should stay below ``seconds``.
+    """
+
+    def __init__(
+        self, seconds: int, *, timezone: dt.tzinfo = dt.UTC, jitter: int | None = None
+    ) -> None:
+        self.seconds = seconds
+        self.timezone = timezone
+        self.jitter = jitter
+
+    def get_next_fire_time(
+        self, previous_fire_time: dt.datetime | None, now: dt.datetime
+    ) -> dt.datetime:
+        slot = math.ceil(now.timestamp() / self.seconds) * self.seconds
+        if previous_fire_time is not None:
+            # A jittered fire lies less than `seconds` after its slot.
+            previous_slot = math.floor(previous_fire_time.timestamp() / self.seconds)
+            slot = max(slot, (previous_slot + 1) * self.seconds)
+        when = float(slot) + (random.uniform(0, self.jitter) if self.jitter else 0.0)
+        return dt.datetime.fromtimestamp(when, tz=self.timezone)
+
+    def __str__(self) -> str:
+        return f"every {self.seconds}s aligned to the epoch"
+
+
+def describe_trigger(config: Config) -> str:
+    settings = config.schedule
+    if settings.cron is not None:
+        return f"cron {settings.cron!r} in {settings.timezone}"
+    if settings.interval_minutes is not None:
+        return f"every {settings.interval_minutes} minutes"
+    return f"every {settings.interval_seconds} seconds"
+
+
+def fires_between(trigger: Any, start: dt.datetime, end: dt.datetime) -> Iterator[dt.datetime]:
+    """The trigger's fire times after ``start`` and before ``end``."""
+    previous: dt.datetime | None = None
+    now = start
+    while True:
+        fire: dt.datetime | None = trigger.get_next_fire_time(previous, now)
+        if fire is None or fire >= end:
+            return
+        yield fire
+        previous, now = fire, fire + dt.timedelta(microseconds=1)
+
+
+def has_schedule(config: Config) -> bool:
+    """Whether ``[schedule]`` says when to run."""
+    return any(getattr(config.schedule, key) is not None for key in SCHEDULE_TRIGGERS)
