@@ -256,7 +256,9 @@ def test_a_fatal_error_stops_new_calls_at_once(
     handed_on = chatids_of(list(stage.fetch.batches()))
 
     reason = stage.stop.reason(unfinished=True)
-    assert reason == StopReason("fatal error", f"chat/get: errcode 43007: {errmsg_for(43007)}")
+    assert reason == StopReason(
+        "fatal error", f"chat/get: errcode 43007: {errmsg_for(43007)}", errcode=43007
+    )
     assert "chat-005" not in handed_on
     # Requests already under way end and are handed on; none starts after the fatal one.
     assert stage.chat_gets() == len(handed_on) + 1
