@@ -4,13 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest slow bench bench-events clean help deps-system
+.PHONY: demo test lint typecheck pytest slow bench bench-events bench-month clean help deps-system
 
 help:
 	@echo "make demo   - create .venv, install, run the demo against the bundled simulator"
 	@echo "make test   - create .venv, install test deps, lint, type-check, run all tests"
 	@echo "make bench  - throughput benchmark (see README)"
 	@echo "make bench-events - group-event benchmark of listen (see README)"
+	@echo "make bench-month - a simulated month of the poll plan: API calls, delays (see README)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +59,9 @@ bench: $(STAMP)
 
 bench-events: $(STAMP)
 	$(BIN)/python bench/events.py
+
+bench-month: $(STAMP)
+	$(BIN)/python bench/month.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo.db demo.db-* demo.db.lock

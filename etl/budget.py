@@ -37,7 +37,7 @@ from etl.quota import (
     quota_month,
     remaining,
 )
-from etl.triggers import build_trigger, fires_between, has_schedule
+from etl.triggers import build_trigger, fires_between, has_schedule, next_fire
 
 log = structlog.get_logger("etl.budget")
 
@@ -73,15 +73,31 @@ class MonthBudget:
 
 
 def policy(config: Config, engine: Engine, now: dt.datetime) -> PollPolicy:
-    """The poll policy a run starting ``now`` applies."""
-    budget = BudgetLog(engine)
+    """The poll policy a run starting ``now`` applies, from what the database says."""
+    return make_policy(
+        config,
+        now,
+        previous_run_seconds=BudgetLog(engine).last_run_seconds(),
+        listener_connected=listener_connected(engine, now),
+    )
+
+
+def make_policy(
+    config: Config,
+    now: dt.datetime,
+    *,
+    previous_run_seconds: float | None,
+    listener_connected: bool,
+) -> PollPolicy:
+    """The poll policy of ``config`` for a run starting ``now`` (pure)."""
     return PollPolicy(
         polling=config.sync.polling,
         base_seconds=config.sync.poll_interval_seconds,
         max_seconds=config.sync.max_poll_interval_seconds,
-        lookahead_seconds=lookahead(budget.last_run_seconds(), config.schedule.jitter_seconds),
-        listener_connected=listener_connected(engine, now),
+        lookahead_seconds=lookahead(previous_run_seconds, config.schedule.jitter_seconds),
+        listener_connected=listener_connected,
         reconcile_delay_seconds=config.events.reconcile_delay_seconds,
+        next_run_at=next_fire(config, now),
     )
 
 

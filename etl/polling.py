@@ -15,7 +15,10 @@
 
 "Due" looks ``lookahead`` seconds past the run's start: a run that starts a little early (cron
 drift, jitter, a long previous run) reads the chats that fall due while it runs instead of
-leaving them to the next run, an interval later.
+leaving them to the next run, an interval later. With a ``[schedule]``, a chat that falls due
+before the schedule's next run is read now: polls happen only at the runs, and waiting for
+the next one would take the chat past its interval (past ``max_poll_interval_seconds``, for
+the safety net) by up to the schedule's period.
 
 With a monthly quota, ``afford`` keeps the most overdue chats a run can pay for.
 Knows no database, no HTTP, no clock: ``now`` is given.
@@ -59,6 +62,9 @@ class PollPolicy:
     lookahead_seconds: float = MIN_LOOKAHEAD_SECONDS
     listener_connected: bool = False
     reconcile_delay_seconds: float = 30.0
+    # When the schedule runs next, if one is configured: a chat due before then is read now,
+    # or it would wait until then (past its interval by up to the schedule's period).
+    next_run_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +108,7 @@ def select(
         when = due_at(chat, policy)
         if when is None:
             ranked.append((_NEVER_READ, order, chat.chatid))
-        elif when <= horizon:
+        elif when <= horizon or (policy.next_run_at is not None and when < policy.next_run_at):
             ranked.append((when, order, chat.chatid))
         else:
             skipped.append(chat.chatid)
@@ -156,11 +162,19 @@ def reads_per_fire(
             if policy.listener_connected
             else (chat.interval_seconds or policy.base_seconds)
         )
-        index = 0 if when is None else bisect.bisect_left(fires, when - ahead)
+        index = 0 if when is None else _first_reading(fires, when, ahead)
         while index < len(fires):
             counts[index] += 1
-            index = bisect.bisect_left(fires, fires[index] + step - ahead, lo=index + 1)
+            index = max(index + 1, _first_reading(fires, fires[index] + step, ahead))
     return counts
+
+
+def _first_reading(fires: Sequence[dt.datetime], when: dt.datetime, ahead: dt.timedelta) -> int:
+    """The first of ``fires`` that reads a chat due ``when``: within its look-ahead, or the
+    last fire before ``when`` (the next one would be late)."""
+    return max(
+        0, min(bisect.bisect_left(fires, when - ahead), bisect.bisect_right(fires, when) - 1)
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,3 +96,12 @@ def fires_between(trigger: Any, start: dt.datetime, end: dt.datetime) -> Iterato
 def has_schedule(config: Config) -> bool:
     """Whether ``[schedule]`` says when to run."""
     return any(getattr(config.schedule, key) is not None for key in SCHEDULE_TRIGGERS)
+
+
+def next_fire(config: Config, now: dt.datetime) -> dt.datetime | None:
+    """When ``[schedule]`` fires next after ``now`` (None without a schedule)."""
+    if not has_schedule(config):
+        return None
+    later = now + dt.timedelta(seconds=1)  # a run that starts at its fire: the one after
+    fire: dt.datetime | None = build_trigger(config).get_next_fire_time(None, later)
+    return fire

@@ -211,3 +211,25 @@ def test_projection_by_pace_carries_the_month() -> None:
     month = quota_month(dt.datetime(2026, 11, 15, 16, 0, tzinfo=dt.UTC), "UTC")
     # Half of November gone, 1,000 calls: 2,000 at its end.
     assert project_by_pace(1000, month, dt.datetime(2026, 11, 16, tzinfo=dt.UTC)).calls == 2000
+
+
+@pytest.mark.parametrize(
+    ("next_run_in", "read"),
+    [(None, False), (dt.timedelta(minutes=20), False), (HOUR, True)],
+    ids=["no-schedule", "next-run-before-it-falls-due", "next-run-after-it-falls-due"],
+)
+def test_a_chat_due_before_the_next_run_is_read_now(
+    next_run_in: dt.timedelta | None, read: bool
+) -> None:
+    policy = PollPolicy(
+        "adaptive", 3600, 86400, next_run_at=None if next_run_in is None else NOW + next_run_in
+    )
+    chats = [read_chat := ChatPoll("c", 1, NOW - HOUR, NOW + dt.timedelta(minutes=30))]
+    assert select(chats, policy, NOW, affordable=None).due == ((read_chat.chatid,) if read else ())
+
+
+def test_reads_per_fire_reads_a_chat_at_the_last_fire_before_it_falls_due() -> None:
+    fires = [NOW + i * HOUR for i in range(4)]
+    # Due at NOW + 90 min: the fire at NOW + 1 h reads it, not the one at NOW + 2 h.
+    chats = [ChatPoll("c", 1, NOW - HOUR, NOW + 90 * dt.timedelta(minutes=1), None, 7200)]
+    assert reads_per_fire(chats, ADAPTIVE, fires) == [0, 1, 0, 1]
