@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
@@ -39,3 +42,34 @@ def test_migrated_schema_matches_table_definitions(db_url: URL) -> None:
         assert diff == []
     finally:
         engine.dispose()
+
+
+def test_the_cheap_schema_check_knows_alembics_head() -> None:
+    assert migrate.head_revision() == migrate.HEAD_REVISION
+
+
+def test_the_revision_read_without_alembic_is_alembics(db_url: URL) -> None:
+    engine = create_db_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            expected = MigrationContext.configure(conn).get_current_revision()
+        assert migrate.current_revision(engine) == expected == migrate.HEAD_REVISION
+    finally:
+        engine.dispose()
+
+
+def test_checking_the_schema_imports_no_alembic(db_url: URL) -> None:
+    """A command's schema check costs one query, not Alembic's start-up."""
+    script = (
+        "import sys\n"
+        "from sqlalchemy.engine import make_url\n"
+        "from etl.db import create_db_engine, require_schema\n"
+        "engine = create_db_engine(make_url(sys.argv[1]))\n"
+        "require_schema(engine, 'checking')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
+    )
+    url = db_url.render_as_string(hide_password=False)
+    done = subprocess.run(
+        [sys.executable, "-c", script, url], capture_output=True, text=True, check=True
+    )
+    assert done.stdout == "[]\n"
