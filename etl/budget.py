@@ -37,7 +37,7 @@ from etl.quota import (
     quota_month,
     remaining,
 )
-from etl.triggers import build_trigger, fires_between, has_schedule, next_fire
+from etl.triggers import fire_times, has_schedule, next_fire
 
 log = structlog.get_logger("etl.budget")
 
@@ -167,10 +167,12 @@ def month_budget(
     used = budget.used_since(month.start)
     exhausted_at = budget.exhausted_since(month.start)
     if has_schedule(config):
-        fires = list(fires_between(build_trigger(config), now, month.end))
+        fires = fire_times(config, now, month.end)
         plan: list[ChatPoll] = budget.poll_plan(synced)
-        counts = reads_per_fire(plan, policy(config, engine, now), fires)
-        by_schedule = project_by_schedule(used, fires, counts, TOKEN_CALLS_PER_RUN)
+        reads = reads_per_fire(plan, policy(config, engine, now), fires)
+        by_schedule = project_by_schedule(
+            used, reads.chats, reads.runs_reading, TOKEN_CALLS_PER_RUN
+        )
         outside = budget.used_since(month.start, exclude_source="schedule")
         extra = project_by_pace(outside, month, now).calls - outside
         projection = Projection(by_schedule.calls + extra, "schedule")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import signal
 import sys
 import threading
@@ -149,12 +150,23 @@ def db_upgrade(obj: _Ctx) -> None:
     multiple=True,
     metavar="ID",
     callback=_check_chatids,
-    help="Sync only this chat (repeatable). Default: every configured chatid.",
+    help="Sync only this chat (repeatable), due or not, dismissed or not.",
+)
+@click.option(
+    "--all",
+    "all_chats",
+    is_flag=True,
+    help="Read every chat of the synced set, due or not, dismissed ones included.",
 )
 @click.option("--migrate", is_flag=True, help="Upgrade the schema first if it is behind.")
 @click.pass_obj
-def sync(obj: _Ctx, chatids: tuple[str, ...], migrate: bool) -> None:
-    """Run one sync over the configured chatids and print a one-line summary.
+def sync(obj: _Ctx, chatids: tuple[str, ...], all_chats: bool, migrate: bool) -> None:
+    """Run one sync and print a one-line summary.
+
+    Without --chatid or --all it reads the chats that are due: with [sync] polling =
+    "every_run" (the default) every chat of the synced set but the dismissed ones; with
+    "adaptive" those whose poll interval has run out. With [dingtalk] monthly_call_quota, a
+    run reads only as many chats as the month's calls left pay for (the most overdue).
 
     \b
     Exit codes:
@@ -167,12 +179,21 @@ def sync(obj: _Ctx, chatids: tuple[str, ...], migrate: bool) -> None:
     \b
     Examples:
       dingtalk-etl sync
+      dingtalk-etl sync --all
       dingtalk-etl --config /etc/dingtalk-etl/config.toml sync --chatid chat123
     """
+    if all_chats and chatids:
+        raise click.UsageError("give --chatid or --all, not both")
     stop = threading.Event()
     with _errors(), _stop_on_signals(stop):
         config = obj.load(need_api=True)
-        result = monitored_sync(config, chatids=chatids or None, migrate_schema=migrate, stop=stop)
+        result = monitored_sync(
+            config,
+            chatids=chatids or None,
+            all_chats=all_chats,
+            migrate_schema=migrate,
+            stop=stop,
+        )
     click.echo(result.summary())
     if result.exit_code == ExitCode.FAILED:
         # cron mails stderr: the reason must be there, not only in the summary line.
@@ -223,6 +244,7 @@ def runs(obj: _Ctx, limit: int, as_json: bool) -> None:
         "chats_succeeded",
         "chats_failed",
         "chats_changed",
+        "chats_skipped",
         "api_calls",
         "retries",
         "error",
@@ -301,6 +323,21 @@ def _check_duration(_ctx: click.Context, _param: click.Parameter, value: str | N
         raise click.BadParameter(str(exc)) from None
 
 
+def _check_percent(_ctx: click.Context, _param: click.Parameter, value: str | None) -> float | None:
+    """A percentage > 0 such as ``80``, ``100`` or ``12.5`` (a trailing ``%`` allowed)."""
+    if value is None:
+        return None
+    try:
+        percent = float(value.strip().removesuffix("%"))
+    except ValueError:
+        percent = math.nan
+    if not (0 < percent < math.inf):
+        raise click.BadParameter(
+            f"{value!r} is not a percentage: use a number > 0, as in 80 or 100"
+        )
+    return percent
+
+
 @cli.command(context_settings=CONTEXT)
 @click.option(
     "--max-age",
@@ -311,30 +348,53 @@ def _check_duration(_ctx: click.Context, _param: click.Parameter, value: str | N
     help="Unhealthy when the last successful run finished longer ago than this: "
     "90s, 30m, 2h, 1d or plain seconds.",
 )
+@click.option(
+    "--quota-warn",
+    "quota_warn",
+    default=None,
+    metavar="PERCENT",
+    callback=_check_percent,
+    help="Unhealthy when the API calls projected for this quota month pass this share of "
+    "[dingtalk] monthly_call_quota (e.g. 80), or DingTalk said 90020 this month. Without a "
+    "quota set there is nothing to check (said on a line of its own).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the state as one JSON object.")
 @click.pass_obj
-def status(obj: _Ctx, max_age: int | None, as_json: bool) -> None:
-    """Is the job healthy? The last run, time since the last success, failing chats.
+def status(obj: _Ctx, max_age: int | None, quota_warn: float | None, as_json: bool) -> None:
+    """Is the job healthy? The last run, time since the last success, failing chats, and the
+    API calls of this quota month.
 
     A success is a run whose status is 'succeeded' (every chat synced); a partial run is
-    not. Needs only the [database] setting. The first line is the verdict (OK or STALE).
+    not. Needs only the [database] setting. The first line is the verdict (OK, STALE or
+    QUOTA; when both checks fail, the runs' verdict comes first).
+
+    The API line counts the calls of every command on every machine since the quota month
+    began ([dingtalk] quota_timezone), and projects the month's total: by the [schedule]
+    trigger and the poll plan when a schedule is configured, else at this month's pace. It
+    plans for the [sync] chatids of the file (with a chatids_file, or none: every chat in
+    the database too), plus the discovered chats.
 
     \b
     Exit codes:
-      0   healthy: a run succeeded (within --max-age, if given)
-      1   unhealthy: no successful run recorded, or the last is older than --max-age
-      2   usage error (e.g. a bad DURATION)
+      0   healthy: a run succeeded (within --max-age, if given), and the projection is
+          within --quota-warn, if given
+      1   unhealthy: no successful run recorded, or the last is older than --max-age,
+          or the projection passes --quota-warn of the quota, or DingTalk said 90020
+          this month (with --quota-warn)
+      2   usage error (e.g. a bad DURATION or PERCENT)
       3   the database cannot be read
       78  configuration error, or the schema needs `dingtalk-etl db upgrade`
 
     \b
     Examples:
       dingtalk-etl status --max-age 2h
+      dingtalk-etl status --max-age 2h --quota-warn 90
       dingtalk-etl status --max-age 1d --json | jq .last_success_age_seconds
+      dingtalk-etl status --json | jq '.api_calls_this_month, .projected_calls'
     """
     with _errors():
         config = obj.load(need_api=False)
-        health = read_health(config, max_age_seconds=max_age)
+        health = read_health(config, max_age_seconds=max_age, quota_warn_percent=quota_warn)
     if as_json:
         click.echo(json.dumps(health.as_json(), indent=2, ensure_ascii=False))
     else:

@@ -2,30 +2,37 @@
 
 Sits on top of ``etl.sync``: ``monitored_sync`` wraps one run for both ``dingtalk-etl sync`` and
 each fire of ``dingtalk-etl schedule``, and ``read_health`` answers ``dingtalk-etl status``.
-Nothing here can change a run's outcome: a metrics file that cannot be written or a ping that
-fails is logged (``monitoring.metrics_failed``, ``monitoring.ping_failed``) and the run goes on.
-Knows files, HTTP (requests) and the run log's read queries; takes no part in the command line.
+Both show the month's API budget as ``etl.budget.month_budget`` reckons it (calls this quota
+month, the quota, the projected total, a 90020). Nothing here can change a run's outcome: a
+metrics file that cannot be written or a ping that fails is logged
+(``monitoring.metrics_failed``, ``monitoring.ping_failed``) and the run goes on.
+Knows files, HTTP (requests) and the read queries of the run log, the listener's row and the
+budget; takes no part in the command line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import decimal
 import math
 import re
 import threading
+import zoneinfo
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import structlog
+from sqlalchemy import Engine, select
 
 from etl import __version__
-from etl.config import Config
-from etl.db import open_database, require_schema, utcnow
+from etl.budget import MonthBudget, month_budget
+from etl.config import Config, check_chatid
+from etl.db import database_errors, open_database, require_schema, utcnow
 from etl.errors import (
     DatabaseFailure,
     EtlError,
@@ -37,7 +44,8 @@ from etl.errors import (
 from etl.eventstore import EventStore, ListenerLog
 from etl.output import plain, write_text_atomic
 from etl.runlog import RunLog
-from etl.sync import RunResult, run_sync
+from etl.schema import chats
+from etl.sync import RunResult, run_sync, synced_chatids
 
 log = structlog.get_logger("etl.monitoring")
 
@@ -148,8 +156,13 @@ class RunMetrics:
     chats_changed: int = 0
     api_calls: int = 0
     retries: int = 0
+    chats_skipped: int = 0
     # None: the database could not tell (the metric is left out); epoch 0: never succeeded.
     last_success_at: dt.datetime | None = None
+    # [dingtalk] monthly_call_quota; None: not configured (the metric is left out).
+    api_call_quota: int | None = None
+    # This quota month's calls and where it is heading; None: the database could not tell.
+    budget: MonthBudget | None = None
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -213,9 +226,39 @@ def render_metrics(metrics: RunMetrics) -> str:
             metrics.api_calls,
         ),
         ("last_run_retries", "Requests the last sync run repeated.", metrics.retries),
+        (
+            "last_run_chats_skipped",
+            "Chats of the synced set the last sync run did not read (not due, or deferred "
+            "for the quota).",
+            metrics.chats_skipped,
+        ),
     ]
     for name, help_text, value in counts:
         gauge(name, help_text, [("", value)])
+    if metrics.api_call_quota is not None:
+        gauge(
+            "api_call_quota",
+            "API calls the organisation may make in a quota month ([dingtalk] monthly_call_quota).",
+            [("", metrics.api_call_quota)],
+        )
+    month = metrics.budget
+    if month is not None:
+        gauge(
+            "api_calls_month",
+            "API calls made this quota month (every command, every machine), from api_calls.",
+            [("", month.used)],
+        )
+        gauge(
+            "api_calls_projected",
+            "API calls expected by the end of this quota month: the schedule and the poll "
+            "plan, else this month's pace.",
+            [("", month.projection.calls)],
+        )
+        gauge(
+            "api_quota_exhausted",
+            "1 when DingTalk said 90020 (quota used up) this quota month, else 0.",
+            [("", float(month.exhausted_at is not None))],
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -288,17 +331,46 @@ def listener_metrics_writer(config: Config) -> Any:
     return write
 
 
-def _last_success(config: Config) -> dt.datetime | None:
-    """When the last succeeded run finished (epoch 0 if never); None if the database cannot say."""
-    try:
-        with open_database(config) as engine:
+def _from_database(
+    config: Config, now: dt.datetime
+) -> tuple[dt.datetime | None, MonthBudget | None]:
+    """When the last succeeded run finished (epoch 0 if never) and this quota month's budget
+    at ``now``; None for what the database cannot say."""
+    last_success: dt.datetime | None = None
+    budget: MonthBudget | None = None
+    with open_database(config) as engine:
+        try:
             row = RunLog(engine).latest_run(status="succeeded")
-    except EtlError:
-        return None
-    if row is None:
-        return _EPOCH
-    finished = row["finished_at"]
-    return finished if isinstance(finished, dt.datetime) else _EPOCH
+        except EtlError:
+            pass
+        else:
+            finished = row["finished_at"] if row is not None else None
+            last_success = finished if isinstance(finished, dt.datetime) else _EPOCH
+        with contextlib.suppress(EtlError):
+            budget = month_budget(config, engine, _planned_chats(config, engine), now)
+    return last_success, budget
+
+
+def _planned_chats(config: Config, engine: Engine) -> tuple[str, ...]:
+    """The synced set the month's projection plans for.
+
+    The configured chats with the discovered ones (``etl.sync.synced_chatids``). A command
+    that loads the configuration without chatids (``status`` needs only ``[database]``) has
+    the ``[sync] chatids`` list of the file; when a ``chatids_file`` completes it, or there
+    is none, every chat the database knows is taken too.
+    """
+    chatids = config.chatids
+    if not chatids:
+        listed = (chatid.strip() for chatid in config.sync.chatids)
+        chatids = tuple(dict.fromkeys(c for c in listed if check_chatid(c) is None))
+        if config.sync.chatids_file is not None or not chatids:
+            with database_errors("reading the known chats"), engine.connect() as conn:
+                known = conn.execute(_KNOWN_CHATS).scalars().all()
+            chatids = tuple(dict.fromkeys((*chatids, *known)))
+    return synced_chatids(replace(config, chatids=chatids), engine)
+
+
+_KNOWN_CHATS = select(chats.c.chatid).order_by(chats.c.chatid)
 
 
 # -- one monitored run ---------------------------------------------------------------------
@@ -308,6 +380,7 @@ def monitored_sync(
     config: Config,
     *,
     chatids: Sequence[str] | None = None,
+    all_chats: bool = False,
     trigger: str = "manual",
     migrate_schema: bool = False,
     stop: threading.Event | None = None,
@@ -322,7 +395,12 @@ def monitored_sync(
     started_at = utcnow()
     try:
         result = run_sync(
-            config, chatids=chatids, trigger=trigger, migrate_schema=migrate_schema, stop=stop
+            config,
+            chatids=chatids,
+            all_chats=all_chats,
+            trigger=trigger,
+            migrate_schema=migrate_schema,
+            stop=stop,
         )
     except LockBusy:
         raise
@@ -331,6 +409,12 @@ def monitored_sync(
         finished_at = utcnow()
         reason = describe_exception(exc)
         if config.metrics_path is not None:
+            # A database that just failed is not asked again.
+            last_success, budget = (
+                (None, None)
+                if isinstance(exc, DatabaseFailure)
+                else _from_database(config, finished_at)
+            )
             metrics = RunMetrics(
                 status="failed",
                 exit_code=code,
@@ -339,15 +423,16 @@ def monitored_sync(
                 finished_at=finished_at,
                 duration_seconds=(finished_at - started_at).total_seconds(),
                 chats_total=len(chatids) if chatids else len(config.chatids),
-                # A database that just failed is not asked again.
-                last_success_at=None if isinstance(exc, DatabaseFailure) else _last_success(config),
+                last_success_at=last_success,
+                api_call_quota=config.dingtalk.monthly_call_quota,
+                budget=budget,
             )
             write_metrics(config.metrics_path, metrics)
         pinger.finish(code, f"exit {code}: {reason}\n")
         raise
     finished_at = utcnow()
     if config.metrics_path is not None:
-        last_success = _last_success(config)
+        last_success, budget = _from_database(config, finished_at)
         if last_success is None and result.status == "succeeded":
             last_success = finished_at
         metrics = RunMetrics(
@@ -364,7 +449,10 @@ def monitored_sync(
             chats_changed=result.chats_changed,
             api_calls=result.api_calls,
             retries=result.retries,
+            chats_skipped=result.chats_skipped,
             last_success_at=last_success,
+            api_call_quota=config.dingtalk.monthly_call_quota,
+            budget=budget,
         )
         write_metrics(config.metrics_path, metrics)
     pinger.finish(result.exit_code, ping_body(result))
@@ -394,6 +482,11 @@ class Health:
     listener: dict[str, Any] | None = None
     events_waiting: int = 0
     discovered_chats: int = 0
+    # This quota month's API calls, the quota and the projection (``etl.budget``).
+    budget: MonthBudget | None = None
+    quota_timezone: str = "Asia/Shanghai"
+    # --quota-warn: unhealthy when the projection passes this share of the quota, in percent.
+    quota_warn_percent: float | None = None
 
     @property
     def listener_silence_seconds(self) -> float | None:
@@ -417,17 +510,67 @@ class Health:
         return max(0.0, (self.checked_at - finished).total_seconds())
 
     @property
-    def healthy(self) -> bool:
+    def runs_healthy(self) -> bool:
+        """A success recorded (within ``max_age_seconds``), and no listener silent for longer."""
         age = self.success_age_seconds
         if age is None or self.listener_silent:
             return False
         return self.max_age_seconds is None or age <= self.max_age_seconds
 
     @property
+    def quota_passed(self) -> bool:
+        """What --quota-warn fails on: DingTalk said 90020 this month (whatever the quota
+        configured), or the projection passes ``quota_warn_percent`` of the quota. Without a
+        quota there is nothing to compare the projection with: that passes nothing."""
+        month = self.budget
+        if self.quota_warn_percent is None or month is None:
+            return False
+        if month.exhausted_at is not None:
+            return True
+        # In decimals, so that a projection of exactly the share (4,160 of 5,000 at 83.2%)
+        # does not pass it by a binary rounding.
+        share = decimal.Decimal(repr(self.quota_warn_percent))
+        return month.quota is not None and month.projection.calls * 100 > share * month.quota
+
+    @property
+    def healthy(self) -> bool:
+        return self.runs_healthy and not self.quota_passed
+
+    @property
     def exit_code(self) -> int:
         return ExitCode.OK if self.healthy else ExitCode.UNHEALTHY
 
     def verdict(self) -> str:
+        """The first line: what is wrong (STALE or QUOTA), else OK."""
+        return self.verdicts()[0]
+
+    def verdicts(self) -> list[str]:
+        """The runs' verdict, and the quota's when --quota-warn fails: failures first."""
+        runs = self._runs_verdict()
+        quota = self.quota_verdict()
+        if quota is None:
+            return [runs]
+        return [quota, runs] if self.runs_healthy else [runs, quota]
+
+    def quota_verdict(self) -> str | None:
+        """``QUOTA: ...`` when --quota-warn fails, else None."""
+        month = self.budget
+        if not self.quota_passed or month is None:
+            return None
+        if month.exhausted_at is not None:
+            return (
+                f"QUOTA: DingTalk said the month's API quota is used up (90020) at "
+                f"{_when(month.exhausted_at)}; polling is paused until {_when(month.month.end)}"
+            )
+        assert month.quota is not None
+        assert self.quota_warn_percent is not None
+        return (
+            f"QUOTA: projected {month.projection.calls:,} API calls this month, "
+            f"{_percent(month.projection.calls, month.quota)}% of the quota of "
+            f"{month.quota:,}, more than the allowed {self.quota_warn_percent:g}%"
+        )
+
+    def _runs_verdict(self) -> str:
         age = self.success_age_seconds
         if age is None or self.last_success is None:
             return "STALE: no successful run recorded"
@@ -443,7 +586,7 @@ class Health:
         return f"OK: {seen}"
 
     def lines(self) -> list[str]:
-        lines = [self.verdict()]
+        lines = self.verdicts()
         if self.last_success is not None:
             lines.append(
                 f"last success: run {self.last_success['id']}, finished "
@@ -459,7 +602,9 @@ class Health:
                 f"last run: run {run['id']} {run['status']} ({run['trigger']}), started "
                 f"{_when(run['started_at'])}, finished {_when(run['finished_at'])}; "
                 f"{run['chats_succeeded']} ok, {run['chats_failed']} failed of "
-                f"{run['chats_total']} chats" + (f"; error: {run['error']}" if run["error"] else "")
+                f"{run['chats_total']} chats"
+                + (f", {run['chats_skipped']} skipped" if run.get("chats_skipped") else "")
+                + (f"; error: {run['error']}" if run["error"] else "")
             )
         if self.running is not None:
             lines.append(
@@ -476,6 +621,7 @@ class Health:
             else:
                 lines.append(f"failing chats in run {run['id']}: none")
         lines.extend(self._listener_lines())
+        lines.extend(self._budget_lines())
         return lines
 
     def _listener_lines(self) -> list[str]:
@@ -497,6 +643,35 @@ class Health:
             f"ignored, {self.events_waiting} waiting for their reconcile; "
             f"{listener['reconnects']} reconnects; {self.discovered_chats} chats discovered",
         ]
+
+    def _budget_lines(self) -> list[str]:
+        month = self.budget
+        if month is None:
+            return []
+        zone = zoneinfo.ZoneInfo(self.quota_timezone)
+        label = f"{month.month.start.astimezone(zone):%Y-%m}, {self.quota_timezone}"
+        calls = month.projection.calls
+        if month.quota is None:
+            used, share = f"{month.used:,}, no quota set", ""
+        else:
+            used = f"{month.used:,} of the quota of {month.quota:,}"
+            share = f", {_percent(calls, month.quota)}% of the quota"
+        lines = [
+            f"api calls this month ({label}): {used}; projected {calls:,} at the month's end"
+            f"{share} (basis: {month.projection.basis})"
+        ]
+        if month.exhausted_at is not None:
+            resets = f"{month.month.end.astimezone(zone):%Y-%m-%d %H:%M} {self.quota_timezone}"
+            lines.append(
+                f"quota used up: DingTalk said 90020 at {_when(month.exhausted_at)}; polling is "
+                f"paused until the quota month resets at {_when(month.month.end)} ({resets})"
+            )
+        elif self.quota_warn_percent is not None and month.quota is None:
+            lines.append(
+                "quota check: no [dingtalk] monthly_call_quota set, nothing to check for "
+                f"--quota-warn {self.quota_warn_percent:g}%"
+            )
+        return lines
 
     def as_json(self) -> dict[str, Any]:
         def row(value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -520,7 +695,44 @@ class Health:
             "listener": row(self.listener),
             "events_waiting": self.events_waiting,
             "discovered_chats": self.discovered_chats,
+            **self._budget_json(),
         }
+
+    def _budget_json(self) -> dict[str, Any]:
+        month = self.budget
+        if month is None:
+            return dict.fromkeys(_BUDGET_KEYS)
+        quota = month.quota
+        share = None if quota is None else round(month.projection.calls * 100 / quota, 1)
+        exhausted = month.exhausted_at
+        return {
+            "api_calls_this_month": month.used,
+            "monthly_call_quota": quota,
+            "projected_calls": month.projection.calls,
+            "projection_basis": month.projection.basis,
+            "projected_percent_of_quota": share,
+            "quota_timezone": self.quota_timezone,
+            "quota_month_started_at": month.month.start.isoformat(),
+            "quota_month_resets_at": month.month.end.isoformat(),
+            "quota_exhausted_at": None if exhausted is None else exhausted.isoformat(),
+            "quota_warn_percent": self.quota_warn_percent,
+            "quota_verdict": self.quota_verdict(),
+        }
+
+
+_BUDGET_KEYS: Final = (
+    "api_calls_this_month",
+    "monthly_call_quota",
+    "projected_calls",
+    "projection_basis",
+    "projected_percent_of_quota",
+    "quota_timezone",
+    "quota_month_started_at",
+    "quota_month_resets_at",
+    "quota_exhausted_at",
+    "quota_warn_percent",
+    "quota_verdict",
+)
 
 
 def _when(value: object) -> str:
@@ -529,10 +741,26 @@ def _when(value: object) -> str:
     return "-"
 
 
+def _percent(calls: int, quota: int) -> str:
+    """``calls`` as a percentage of ``quota``, rounded up (a projection past a share never
+    reads as that share): to a tenth below 100, whole from there."""
+    tenths = -(-calls * 1000 // quota)
+    if tenths >= 1000:
+        return f"{-(-tenths // 10):,}"
+    whole, tenth = divmod(tenths, 10)
+    return f"{whole}.{tenth}" if tenth else f"{whole}"
+
+
 def read_health(
-    config: Config, *, max_age_seconds: int | None = None, now: dt.datetime | None = None
+    config: Config,
+    *,
+    max_age_seconds: int | None = None,
+    quota_warn_percent: float | None = None,
+    now: dt.datetime | None = None,
 ) -> Health:
-    """Read the run log. Raises ``SchemaNotMigrated`` and ``DatabaseFailure`` like the others."""
+    """Read the run log, the listener's row and the month's API budget. Raises
+    ``SchemaNotMigrated`` and ``DatabaseFailure`` like the others."""
+    checked_at = now or utcnow()
     with open_database(config) as engine:
         require_schema(engine, "reading runs")
         runlog = RunLog(engine)
@@ -546,9 +774,10 @@ def read_health(
         listener = listeners.latest()
         waiting = listeners.waiting_events()
         discovered = len(EventStore(engine).discovered())
+        budget = month_budget(config, engine, _planned_chats(config, engine), checked_at)
     running = latest if latest is not None and latest["status"] == "running" else None
     return Health(
-        checked_at=now or utcnow(),
+        checked_at=checked_at,
         max_age_seconds=max_age_seconds,
         last_run=last_run,
         running=running,
@@ -557,4 +786,7 @@ def read_health(
         listener=listener,
         events_waiting=waiting,
         discovered_chats=discovered,
+        budget=budget,
+        quota_timezone=config.dingtalk.quota_timezone,
+        quota_warn_percent=quota_warn_percent,
     )

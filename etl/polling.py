@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 DISMISSED: Final = 2
@@ -137,26 +138,46 @@ def next_interval(previous: int | None, changed: bool, base: int, maximum: int) 
     return min(maximum, max(base, previous * 2))
 
 
+@dataclass(frozen=True)
+class FireReads:
+    """How many chats each of ``fires`` fires would read: ``every_fire`` at each, plus
+    ``extra[i]`` at fire ``i`` (kept sparse: a schedule may fire every second)."""
+
+    fires: int
+    every_fire: int = 0
+    extra: Counter[int] = field(default_factory=Counter)
+
+    @property
+    def chats(self) -> int:
+        return self.every_fire * self.fires + sum(self.extra.values())
+
+    @property
+    def runs_reading(self) -> int:
+        """Fires that read at least one chat (each pays a token call)."""
+        return self.fires if self.every_fire else len(self.extra)
+
+    def per_fire(self) -> list[int]:
+        return [self.every_fire + self.extra.get(i, 0) for i in range(self.fires)]
+
+
 def reads_per_fire(
     chats: Sequence[ChatPoll], policy: PollPolicy, fires: Sequence[dt.datetime]
-) -> list[int]:
+) -> FireReads:
     """How many chats each of ``fires`` would read if nothing changed from now on.
 
     Each chat keeps its current interval (a projection cannot know which chats will change:
     a change shortens an interval, quiet lengthens it); a chat never read is read at the
     first fire, a dismissed one at none.
     """
-    counts = [0] * len(fires)
+    reads = FireReads(len(fires))
     if not fires:
-        return counts
+        return reads
+    read = [chat for chat in chats if due_at(chat, policy) != _NEVER]
+    if policy.polling == "every_run":
+        return FireReads(len(fires), every_fire=len(read))
     ahead = dt.timedelta(seconds=policy.lookahead_seconds)
-    for chat in chats:
+    for chat in read:
         when = due_at(chat, policy)
-        if when == _NEVER:
-            continue
-        if policy.polling == "every_run":
-            counts = [n + 1 for n in counts]
-            continue
         step = dt.timedelta(
             seconds=policy.max_seconds
             if policy.listener_connected
@@ -164,17 +185,19 @@ def reads_per_fire(
         )
         index = 0 if when is None else _first_reading(fires, when, ahead)
         while index < len(fires):
-            counts[index] += 1
+            reads.extra[index] += 1
             index = max(index + 1, _first_reading(fires, fires[index] + step, ahead))
-    return counts
+    return reads
 
 
 def _first_reading(fires: Sequence[dt.datetime], when: dt.datetime, ahead: dt.timedelta) -> int:
-    """The first of ``fires`` that reads a chat due ``when``: within its look-ahead, or the
-    last fire before ``when`` (the next one would be late)."""
-    return max(
-        0, min(bisect.bisect_left(fires, when - ahead), bisect.bisect_right(fires, when) - 1)
-    )
+    """The first of ``fires`` that reads a chat due ``when``, as ``select`` decides at each:
+    the chat falls due within its look-ahead, or before the fire that follows it."""
+    within = bisect.bisect_left(fires, when - ahead)
+    following = bisect.bisect_right(fires, when)  # the first fire after ``when``
+    if following < len(fires):
+        return min(within, max(0, following - 1))
+    return within  # after the last fire listed: its next run is not known here
 
 
 @dataclass(frozen=True, slots=True)

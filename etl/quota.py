@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import math
 import zoneinfo
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -78,18 +77,9 @@ def project_by_pace(used: int, month: QuotaMonth, now: dt.datetime) -> Projectio
 
 
 def project_by_schedule(
-    used: int,
-    fires: Iterable[dt.datetime],
-    chats_per_fire: Iterable[int],
-    calls_per_fire: int,
+    used: int, chats_read: int, runs_reading: int, calls_per_run: int
 ) -> Projection:
-    """``used`` plus, for each fire left this month, the chats it reads and its token call.
-
-    ``chats_per_fire`` gives how many chats each of ``fires`` reads (the poll plan's
-    answer); a fire that reads none makes no call at all.
-    """
-    total = used
-    for _fire, chats in zip(fires, chats_per_fire, strict=False):
-        if chats:
-            total += chats + calls_per_fire
-    return Projection(total, "schedule")
+    """``used`` plus what the schedule's remaining fires read: ``chats_read`` chats over
+    ``runs_reading`` runs, each run paying ``calls_per_run`` (its token); a fire that reads
+    no chat makes no call at all."""
+    return Projection(used + chats_read + runs_reading * calls_per_run, "schedule")

@@ -10,8 +10,8 @@ import datetime as dt
 import math
 import random
 import zoneinfo
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
 
 from apscheduler.triggers.base import BaseTrigger
 
@@ -82,7 +82,7 @@ def describe_trigger(config: Config) -> str:
 
 
 def fires_between(trigger: Any, start: dt.datetime, end: dt.datetime) -> Iterator[dt.datetime]:
-    """The trigger's fire times after ``start`` and before ``end``."""
+    """The trigger's fire times from ``start`` until before ``end``."""
     previous: dt.datetime | None = None
     now = start
     while True:
@@ -91,6 +91,42 @@ def fires_between(trigger: Any, start: dt.datetime, end: dt.datetime) -> Iterato
             return
         yield fire
         previous, now = fire, fire + dt.timedelta(microseconds=1)
+
+
+class _Slots(Sequence[dt.datetime]):
+    """An interval's fire times as a sequence computed on demand (one every second is
+    2.6 million a month: too many to list for a projection)."""
+
+    def __init__(self, first: int, count: int, seconds: int, tz: dt.tzinfo) -> None:
+        self._first, self._count, self._seconds, self._tz = first, count, seconds, tz
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> dt.datetime: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[dt.datetime]: ...
+    def __getitem__(self, index: int | slice) -> dt.datetime | Sequence[dt.datetime]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        return dt.datetime.fromtimestamp((self._first + index) * self._seconds, tz=self._tz)
+
+
+def fire_times(config: Config, start: dt.datetime, end: dt.datetime) -> Sequence[dt.datetime]:
+    """When ``[schedule]`` fires from ``start`` until before ``end``, in order (an interval's
+    jitter left out), as ``fires_between`` lists them."""
+    trigger = build_trigger(config)
+    if isinstance(trigger, AlignedInterval):
+        seconds = trigger.seconds
+        first = math.ceil(start.timestamp() / seconds)
+        last = math.ceil(end.timestamp() / seconds) - 1
+        return _Slots(first, max(0, last - first + 1), seconds, trigger.timezone)
+    return list(fires_between(trigger, start, end))
 
 
 def has_schedule(config: Config) -> bool:

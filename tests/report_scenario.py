@@ -6,7 +6,8 @@ Built for real: the simulator over HTTP, five sync runs into a migrated database
            chat-x cannot be read (40016) in every run
     run 2  chat-fin: dan joins, carol leaves; chat-eng: owner dave -> bob
     run 3  chat-fin: carol re-joins, bob leaves; chat-old is dismissed (members kept)
-    run 4  nothing changes; chat-eng fails (HTTP 502 three times)
+    run 4  (`sync --all` from here: chat-old, dismissed, is read only when asked) nothing
+           changes; chat-eng fails (HTTP 502 three times)
     run 5  chat-fin renamed "Finance & Controlling" and made searchable; chat-eng: dave
            leaves; chat-old fails (HTTP 502 three times)
     events group events over Stream mode, received late (the listener connects after the
@@ -201,11 +202,12 @@ def build_scenario(kind: str, folder: Path) -> Scenario:
         world.dismiss("chat-old")
         sync(3)
         world.inject("chat-eng", "http:502", "http:502", "http:502")
-        sync(4)
+        # `sync --all`: chat-old, dismissed, is read only when asked.
+        sync(4, lambda: run_sync(config, all_chats=True))
         world.set_attr("chat-fin", name="Finance & Controlling", searchable=1)
         world.remove_members("chat-eng", ["dave"])
         world.inject("chat-old", "http:502", "http:502", "http:502")
-        sync(5)
+        sync(5, lambda: run_sync(config, all_chats=True))
 
         with StreamGateway(world, ping_interval=0.5, redeliver_after=0.5) as gateway:
             # The changes happen while no listener is connected: their events wait.

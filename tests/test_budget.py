@@ -15,11 +15,13 @@ from typing import Any
 
 import pytest
 import structlog.testing
+from click.testing import CliRunner
 from sqlalchemy import insert, update
 from sqlalchemy.engine import URL
 
 from etl.budget import choose_chats
 from etl.budgetstore import record_exhaustion
+from etl.cli import cli
 from etl.config import Config
 from etl.db import create_db_engine, utcnow
 from etl.eventstore import ListenerLog
@@ -28,7 +30,7 @@ from etl.schema import api_calls, chats, pushed_events, quota_exhaustions
 from etl.simulator import Simulator, World
 from etl.sync import run_sync, synced_chatids
 from tests.conftest import MakeConfig
-from tests.helpers import rows, wait_for, write_config
+from tests.helpers import clean_env, rows, wait_for, write_config
 from tests.test_listen import Running, Setup, first_sync, listen, setup, table, until
 from tests.test_schedule import SCHEDULE_LOG, StartSchedule, schedule_runs, start_schedule
 
@@ -369,3 +371,42 @@ def test_listen_records_events_and_defers_reconciles_after_90020(
     # The listener's own call (opening the connection) is counted.
     counted = [r for r in rows(setup.url, "api_calls") if r["source"] == "listen"]
     assert [(r["endpoint"], r["calls"]) for r in counted] == [("gateway/connections/open", 1)]
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "stderr_ends"),
+    [
+        (["sync", "--all", "--chatid", "chat-a"], 2, "Error: give --chatid or --all, not both\n"),
+        (["sync", "--all"], 0, ""),
+    ],
+    ids=["all-and-chatid", "all"],
+)
+def test_sync_all_on_the_command_line(
+    sqlite_url: URL,
+    simulator: Simulator,
+    tmp_path: Path,
+    args: list[str],
+    code: int,
+    stderr_ends: str,
+) -> None:
+    config = write_config(tmp_path, sqlite_url, simulator.base_url, CHATS)
+    result = CliRunner().invoke(cli, ["--config", str(config), *args], env=clean_env())
+    assert result.exit_code == code, result.output
+    assert result.stderr.endswith(stderr_ends)
+
+
+def test_sync_summary_says_how_many_chats_were_not_due(
+    sqlite_url: URL, simulator: Simulator, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, sqlite_url, simulator.base_url, CHATS, sync=ADAPTIVE)
+    assert (
+        CliRunner().invoke(cli, ["--config", str(config), "sync"], env=clean_env()).exit_code == 0
+    )
+
+    result = CliRunner().invoke(cli, ["--config", str(config), "sync"], env=clean_env())
+
+    assert result.exit_code == 0
+    assert ", 0 changed of 0 chats, 3 not due; 0 api calls, 0 retries;" in result.stdout

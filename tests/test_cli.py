@@ -591,6 +591,7 @@ def test_runs_json_keys_are_the_sync_runs_columns(three_runs: Path, sqlite_url: 
     ]
     assert runs[0]["error"] == f"gettoken: errcode 40089: {errmsg_for(40089)}"
     assert runs[1]["chats_failed"] == 1
+    assert [run["chats_skipped"] for run in runs] == [0, 0, 0]
     assert runs[2]["started_at"].endswith("+00:00")
 
 
@@ -616,6 +617,7 @@ def test_runs_table(three_runs: Path) -> None:
         "chats_succeeded",
         "chats_failed",
         "chats_changed",
+        "chats_skipped",
         "api_calls",
         "retries",
         "error",
@@ -623,6 +625,8 @@ def test_runs_table(three_runs: Path) -> None:
     assert set(rule) == {"-", " "}
     assert [line.split()[0] for line in lines] == ["3", "2", "1"]
     assert [line.split()[5] for line in lines] == ["failed", "partial", "succeeded"]
+    # chats_skipped: each run read the chats it was given (every_run, none dismissed).
+    assert [line.split()[11] for line in lines] == ["0", "0", "0"]
     assert lines[0].endswith(f"gettoken: errcode 40089: {errmsg_for(40089)}")
 
 

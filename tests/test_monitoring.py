@@ -7,6 +7,7 @@ Pings go to a real HTTP server on 127.0.0.1 (port 0) that the test starts and st
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import io
 import itertools
 import json
@@ -26,6 +27,7 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import URL
 
+from etl.budgetstore import record_calls, record_exhaustion
 from etl.cli import cli
 from etl.config import Config, parse_config
 from etl.db import create_db_engine
@@ -34,6 +36,7 @@ from etl.lock import run_lock
 from etl.logs import configure_logging
 from etl.monitoring import HealthPinger, monitored_sync
 from etl.output import write_text_atomic
+from etl.quota import EndpointCalls, quota_month
 from etl.simulator import Simulator, errmsg_for
 from etl.sync import run_sync
 from tests.conftest import APP_KEY, APP_SECRET
@@ -135,6 +138,8 @@ def monitored_config(
     healthcheck_url: str | None = None,
     metrics_file: str | None = None,
     app_secret: str = APP_SECRET,
+    dingtalk: dict[str, Any] | None = None,
+    schedule: dict[str, Any] | None = None,
 ) -> Config:
     monitoring: dict[str, Any] = {}
     if healthcheck_url is not None:
@@ -148,10 +153,12 @@ def monitored_config(
             "app_secret": app_secret,
             "max_requests_per_second": 1000,
             "max_attempts": 2,
+            **(dingtalk or {}),
         },
         "database": {"url": db if isinstance(db, str) else db.render_as_string(False)},
         "sync": {"chatids": chatids},
         "monitoring": monitoring,
+        "schedule": schedule or {},
     }
     return parse_config(raw, tmp_path / "config.toml", environ={})
 
@@ -423,6 +430,11 @@ GAUGES = {
     "dingtalk_etl_last_run_chats_changed",
     "dingtalk_etl_last_run_api_calls",
     "dingtalk_etl_last_run_retries",
+    "dingtalk_etl_last_run_chats_skipped",
+    # The quota month's (dingtalk_etl_api_call_quota only with a quota configured).
+    "dingtalk_etl_api_calls_month",
+    "dingtalk_etl_api_calls_projected",
+    "dingtalk_etl_api_quota_exhausted",
 }
 
 
@@ -538,9 +550,91 @@ def test_metrics_when_the_database_is_down(simulator: Simulator, tmp_path: Path)
 
     assert status_of(metrics) == "failed"
     assert metrics["dingtalk_etl_last_run_exit_code"] == {(): 3.0}
-    # Unknown rather than wrong: no run row, and no word from the database on the last success.
+    # Unknown rather than wrong: no run row, and no word from the database on the last success
+    # or the month's calls.
     assert "dingtalk_etl_last_run_id" not in metrics
     assert "dingtalk_etl_last_success_timestamp_seconds" not in metrics
+    assert not set(MONTH_GAUGES) & set(metrics)
+
+
+MONTH_GAUGES = [
+    "dingtalk_etl_api_calls_month",
+    "dingtalk_etl_api_call_quota",
+    "dingtalk_etl_api_calls_projected",
+    "dingtalk_etl_api_quota_exhausted",
+]
+# Never fires this month (its slots are 190 years apart): the projection is the calls made.
+NO_FIRE_LEFT = {"interval_minutes": 100_000_000}
+
+
+def test_metrics_count_the_calls_of_the_quota_month(
+    db_url: URL, simulator: Simulator, tmp_path: Path
+) -> None:
+    month = quota_month(dt.datetime.now(dt.UTC), "Asia/Shanghai")
+    engine = create_db_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            # The last microsecond of last month in Shanghai does not count; its first does.
+            before = month.start - dt.timedelta(microseconds=1)
+            record_calls(conn, [EndpointCalls("chat/get", 10_000)], source="schedule", at=before)
+            record_calls(conn, [EndpointCalls("chat/get", 4500)], source="schedule", at=month.start)
+    finally:
+        engine.dispose()
+    config = monitored_config(
+        tmp_path,
+        db_url,
+        simulator.base_url,
+        ["chat-a", "chat-b"],
+        metrics_file="etl.prom",
+        dingtalk={"monthly_call_quota": 5000},
+        schedule=NO_FIRE_LEFT,
+    )
+    path = tmp_path / "etl.prom"
+
+    first = monitored_sync(config, trigger="schedule")
+    metrics = parse_metrics(path.read_text(encoding="utf-8"))
+
+    assert (first.status, first.chats_total, first.chats_skipped) == ("succeeded", 2, 0)
+    assert set(metrics) == GAUGES | {"dingtalk_etl_api_call_quota"}
+    assert {name: metrics[name][()] for name in MONTH_GAUGES} == {
+        "dingtalk_etl_api_calls_month": 4500 + first.api_calls,
+        "dingtalk_etl_api_call_quota": 5000,
+        "dingtalk_etl_api_calls_projected": 4500 + first.api_calls,
+        "dingtalk_etl_api_quota_exhausted": 0,
+    }
+    assert metrics["dingtalk_etl_last_run_chats_skipped"] == {(): 0}
+
+    # DingTalk said 90020: the next run reads nothing, and the file says why.
+    engine = create_db_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            record_exhaustion(
+                conn, at=month.start, source="schedule", run_id=first.run_id, error="90020"
+            )
+    finally:
+        engine.dispose()
+    second = monitored_sync(config, trigger="schedule")
+    metrics = parse_metrics(path.read_text(encoding="utf-8"))
+
+    assert (second.status, second.chats_total, second.chats_skipped) == ("succeeded", 0, 2)
+    assert second.api_calls == 0
+    assert {name: metrics[name][()] for name in MONTH_GAUGES} == {
+        "dingtalk_etl_api_calls_month": 4500 + first.api_calls,
+        "dingtalk_etl_api_call_quota": 5000,
+        "dingtalk_etl_api_calls_projected": 4500 + first.api_calls,
+        "dingtalk_etl_api_quota_exhausted": 1,
+    }
+    assert metrics["dingtalk_etl_last_run_chats_skipped"] == {(): 2}
+
+    # `runs` shows the chats the runs skipped.
+    runs_config = write_config(tmp_path, db_url, app_key=None, app_secret=None, name="runs.toml")
+    table = CliRunner().invoke(cli, ["--config", str(runs_config), "runs"])
+    as_json = CliRunner().invoke(cli, ["--config", str(runs_config), "runs", "--json"])
+
+    header, _rule, *lines = table.stdout.splitlines()
+    assert header.split()[9] == "chats_skipped"
+    assert [line.split()[11] for line in lines] == ["2", "0"]
+    assert [run["chats_skipped"] for run in json.loads(as_json.stdout)] == [2, 0]
 
 
 def test_a_metrics_file_that_cannot_be_written_never_fails_the_run(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 
+from etl.config import parse_config
 from etl.polling import (
     ChatPoll,
     NextPoll,
@@ -17,6 +19,7 @@ from etl.polling import (
     select,
 )
 from etl.quota import project_by_pace, quota_month, remaining
+from etl.triggers import build_trigger, fire_times, fires_between
 
 NOW = dt.datetime(2026, 11, 30, 10, 10, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)
@@ -165,8 +168,8 @@ def test_reads_per_fire_follows_each_chats_interval() -> None:
         ChatPoll("two-hourly", 1, NOW - HOUR, NOW + HOUR, None, 7200),
         read("gone", HOUR, None, status=2),
     ]
-    assert reads_per_fire(chats, ADAPTIVE, fires) == [1, 2, 1, 2, 1, 2]
-    assert reads_per_fire(chats, EVERY_RUN, fires) == [2] * 6
+    assert reads_per_fire(chats, ADAPTIVE, fires).per_fire() == [1, 2, 1, 2, 1, 2]
+    assert reads_per_fire(chats, EVERY_RUN, fires).per_fire() == [2] * 6
 
 
 @pytest.mark.parametrize(
@@ -232,4 +235,57 @@ def test_reads_per_fire_reads_a_chat_at_the_last_fire_before_it_falls_due() -> N
     fires = [NOW + i * HOUR for i in range(4)]
     # Due at NOW + 90 min: the fire at NOW + 1 h reads it, not the one at NOW + 2 h.
     chats = [ChatPoll("c", 1, NOW - HOUR, NOW + 90 * dt.timedelta(minutes=1), None, 7200)]
-    assert reads_per_fire(chats, ADAPTIVE, fires) == [0, 1, 0, 1]
+    assert reads_per_fire(chats, ADAPTIVE, fires).per_fire() == [0, 1, 0, 1]
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [{"interval_seconds": 7}, {"interval_minutes": 60}, {"cron": "10 * * * *"}],
+    ids=["7s", "hourly", "cron"],
+)
+def test_fire_times_are_the_triggers_fires(schedule: dict[str, object], tmp_path: Path) -> None:
+    raw = {"dingtalk": {"app_key": "k", "app_secret": "s3cret"}, "sync": {"chatids": ["c"]}}
+    config = parse_config({**raw, "schedule": schedule}, tmp_path / "c.toml", environ={})
+    start, end = NOW, NOW + 3 * HOUR
+    expected = list(fires_between(build_trigger(config), start, end))
+    assert list(fire_times(config, start, end)) == expected
+
+
+def test_reads_per_fire_is_what_select_would_read_at_each_fire(tmp_path: Path) -> None:
+    """The projection, checked against the selection itself run at every fire of a day."""
+    raw = {"dingtalk": {"app_key": "k", "app_secret": "s3cret"}, "sync": {"chatids": ["c"]}}
+    config = parse_config(
+        {**raw, "schedule": {"interval_seconds": 60}}, tmp_path / "c.toml", environ={}
+    )
+    fires = fire_times(config, NOW, NOW + dt.timedelta(days=1))
+    plan = {
+        "new": chat("new"),
+        "due": ChatPoll("due", 1, NOW - HOUR, NOW + dt.timedelta(minutes=5), None, 7200),
+        "gone": read("gone", HOUR, None, status=2),
+    }
+    initial = list(plan.values())
+    expected = []
+    for i, fire in enumerate(fires):
+        following = fires[i + 1] if i + 1 < len(fires) else None
+        policy = PollPolicy("adaptive", 3600, 86400, next_run_at=following)
+        due = select(list(plan.values()), policy, fire, affordable=None).due
+        expected.append(len(due))
+        for chatid in due:
+            # Nothing changes, and each chat keeps its interval: the projection's premise.
+            interval = plan[chatid].interval_seconds or 3600
+            next_at = fire + dt.timedelta(seconds=interval)
+            plan[chatid] = ChatPoll(chatid, 1, fire, next_at, None, interval)
+
+    assert reads_per_fire(initial, ADAPTIVE, fires).per_fire() == expected
+
+
+def test_a_schedule_that_fires_every_second_is_projected_at_once(tmp_path: Path) -> None:
+    raw = {"dingtalk": {"app_key": "k", "app_secret": "s3cret"}, "sync": {"chatids": ["c"]}}
+    config = parse_config(
+        {**raw, "schedule": {"interval_seconds": 1}}, tmp_path / "c.toml", environ={}
+    )
+    month = quota_month(NOW, "UTC")
+    fires = fire_times(config, month.start, month.end)
+    assert len(fires) == 30 * 24 * 3600
+    reads = reads_per_fire([chat("new"), read("gone", HOUR, None, status=2)], EVERY_RUN, fires)
+    assert (reads.chats, reads.runs_reading) == (len(fires), len(fires))

@@ -28,9 +28,9 @@ from etl.config import load_config, parse_config
 from etl.crontab import crontab_fields
 from etl.errors import ConfigError
 from etl.scheduler import JOB_ID, SyncScheduler
-from etl.triggers import AlignedInterval, build_trigger
 from etl.simulator import Simulator, World
 from etl.sync import run_sync
+from etl.triggers import AlignedInterval, build_trigger
 from tests.conftest import APP_KEY, APP_SECRET, MakeConfig
 from tests.helpers import clean_env, rows, wait_for, write_config
 

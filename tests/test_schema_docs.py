@@ -15,6 +15,7 @@ from sqlalchemy import bindparam, inspect, text
 from sqlalchemy.engine import Engine
 
 from etl import reports
+from etl.budgetstore import BudgetLog
 from etl.normalize import ATTRIBUTE_FIELDS
 from etl.schema import UTCDateTime, metadata
 from tests.report_scenario import MEMBERS, Scenario
@@ -283,6 +284,14 @@ def check_last_sync(s: Scenario, engine: Engine) -> None:
     ]
 
 
+def check_calls_this_month(s: Scenario, engine: Engine) -> None:
+    budget = BudgetLog(engine)
+    first = s.at("chat-fin", 1)
+    for since in (first - dt.timedelta(hours=1), s.at("chat-fin", 4), s.at("chat-fin", 6) + US):
+        assert run(engine, "calls-this-month", since=since) == [(budget.used_since(since),)]
+    assert run(engine, "calls-this-month", since=first - dt.timedelta(hours=1))[0][0] > 0
+
+
 CHECKS: dict[str, Check] = {
     "find-chat": check_find_chat,
     "members-at": check_members_at,
@@ -300,6 +309,7 @@ CHECKS: dict[str, Check] = {
     "last-sync": check_last_sync,
     "events-waiting": check_events_waiting,
     "discovered-chats": check_discovered_chats,
+    "calls-this-month": check_calls_this_month,
 }
 
 

@@ -1,7 +1,11 @@
 """`dingtalk-etl status`: the verdict, its exit code and exact messages, over the three databases.
 
 Runs older than the test are written into sync_runs directly (the job cannot be made to have
-run three hours ago); everything else comes from real syncs against the simulator.
+run three hours ago), and API calls and 90020s into api_calls and quota_exhaustions through
+the product's own writers (``etl.budgetstore``); everything else comes from real syncs against
+the simulator. Where a projection depends on the clock, ``read_health`` is given a fixed
+``now``; the command line's tests use a schedule with no fire left this month, so that the
+projection is exactly the calls made.
 """
 
 from __future__ import annotations
@@ -11,18 +15,25 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import insert
 from sqlalchemy.engine import URL
 
+from etl import migrate
+from etl.budgetstore import BudgetLog, record_calls, record_exhaustion
 from etl.cli import cli
+from etl.config import load_config
 from etl.db import create_db_engine
-from etl.monitoring import format_duration, parse_duration
+from etl.monitoring import format_duration, parse_duration, read_health
+from etl.quota import EndpointCalls, QuotaMonth, quota_month
 from etl.schema import sync_run_items, sync_runs
 from etl.simulator import Simulator
-from tests.helpers import write_config
+from tests.helpers import rows, write_config
+from tests.test_schema_docs import run as run_documented
+from tests.test_schema_docs import sql_blocks
 
 HOUR = 3600.0
 DURATION_ERROR = (
@@ -53,9 +64,12 @@ def add_run(
     trigger: str = "schedule",
     failing: dict[str, str] | None = None,
     error: str | None = None,
+    chats_skipped: int = 0,
+    now: dt.datetime | None = None,
 ) -> dict[str, Any]:
     """A finished run ``hours_ago`` (a 30-second run; ``running`` ones are unfinished)."""
-    finished = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(hours=hours_ago)
+    now = now or dt.datetime.now(dt.UTC)
+    finished = now.replace(microsecond=0) - dt.timedelta(hours=hours_ago)
     started = finished - dt.timedelta(seconds=30)
     failing = failing or {}
     row: dict[str, Any] = {
@@ -72,6 +86,7 @@ def add_run(
         "error": error,
         "hostname": "etl-1",
         "pid": 4242,
+        "chats_skipped": chats_skipped,
     }
     engine = create_db_engine(db)
     try:
@@ -97,6 +112,19 @@ def add_run(
 
 def iso(value: dt.datetime) -> str:
     return value.isoformat(timespec="seconds")
+
+
+def this_month(timezone: str = "Asia/Shanghai") -> QuotaMonth:
+    return quota_month(dt.datetime.now(dt.UTC), timezone)
+
+
+def idle_budget_line(timezone: str = "Asia/Shanghai") -> str:
+    """The API line of a database without calls, no quota set."""
+    label = this_month(timezone).start.astimezone(ZoneInfo(timezone)).strftime("%Y-%m")
+    return (
+        f"api calls this month ({label}, {timezone}): 0, no quota set; projected 0 at the "
+        "month's end (basis: pace)"
+    )
 
 
 # -- verdict and exit code -------------------------------------------------------------------
@@ -212,6 +240,7 @@ def test_status_report_on_each_database(db_url: URL, tmp_path: Path) -> None:
         "failing chats in run 2: 2",
         "  chat-x: chat/get: errcode 40016: no permission",
         "  chat-y: timed out",
+        idle_budget_line(),
     ]
 
 
@@ -226,6 +255,7 @@ def test_status_json(db_url: URL, tmp_path: Path) -> None:
     assert result.exit_code == 0
     state = json.loads(result.stdout)
     assert sorted(state) == [
+        "api_calls_this_month",
         "checked_at",
         "discovered_chats",
         "events_waiting",
@@ -237,6 +267,16 @@ def test_status_json(db_url: URL, tmp_path: Path) -> None:
         "last_success_age_seconds",
         "listener",
         "max_age_seconds",
+        "monthly_call_quota",
+        "projected_calls",
+        "projected_percent_of_quota",
+        "projection_basis",
+        "quota_exhausted_at",
+        "quota_month_resets_at",
+        "quota_month_started_at",
+        "quota_timezone",
+        "quota_verdict",
+        "quota_warn_percent",
         "running",
         "verdict",
     ]
@@ -248,6 +288,35 @@ def test_status_json(db_url: URL, tmp_path: Path) -> None:
     assert (state["last_run"]["id"], state["last_run"]["status"]) == (2, "failed")
     assert state["last_run"]["error"] == "gettoken: errcode 40089: invalid appkey"
     assert (state["running"], state["failing_chats"]) == (None, [])
+    month = this_month()
+    assert {key: state[key] for key in BUDGET_KEYS} == {
+        "api_calls_this_month": 0,
+        "monthly_call_quota": None,
+        "projected_calls": 0,
+        "projection_basis": "pace",
+        "projected_percent_of_quota": None,
+        "quota_timezone": "Asia/Shanghai",
+        "quota_month_started_at": month.start.isoformat(),
+        "quota_month_resets_at": month.end.isoformat(),
+        "quota_exhausted_at": None,
+        "quota_warn_percent": None,
+        "quota_verdict": None,
+    }
+
+
+BUDGET_KEYS = [
+    "api_calls_this_month",
+    "monthly_call_quota",
+    "projected_calls",
+    "projection_basis",
+    "projected_percent_of_quota",
+    "quota_timezone",
+    "quota_month_started_at",
+    "quota_month_resets_at",
+    "quota_exhausted_at",
+    "quota_warn_percent",
+    "quota_verdict",
+]
 
 
 def test_status_after_real_runs(sqlite_url: URL, simulator: Simulator, tmp_path: Path) -> None:
@@ -265,7 +334,362 @@ def test_status_after_real_runs(sqlite_url: URL, simulator: Simulator, tmp_path:
     assert lines[2].startswith("last run: run 3 partial (manual), started ")
     assert lines[3] == "failing chats in run 3: 1"
     assert lines[4].startswith("  chat-x: chat/get: errcode 40016: ")
-    assert len(lines) == 5
+    # Every request the runs sent is counted: a token and a chat/get per chat each.
+    calls = sum(run["api_calls"] for run in rows(sqlite_url, "sync_runs"))
+    label = this_month().start.astimezone(ZoneInfo("Asia/Shanghai")).strftime("%Y-%m")
+    assert lines[5].startswith(
+        f"api calls this month ({label}, Asia/Shanghai): {calls}, no quota set; projected "
+    )
+    assert lines[5].endswith(" at the month's end (basis: pace)")
+    assert len(lines) == 6
+
+
+# -- the API budget --------------------------------------------------------------------------
+
+# 08:00 on 20 November in Asia/Shanghai: the quota month began at 2026-10-31T16:00:00Z.
+NOW = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+# Never fires this month (its slots are 190 years apart): the projection is the calls made.
+NO_FIRE_LEFT = {"interval_minutes": 100_000_000}
+ERROR_90020 = "chat/get: errcode 90020: the month's API quota is used up"
+
+
+def count_calls(
+    db: URL,
+    at: dt.datetime,
+    calls: int,
+    *,
+    source: str = "schedule",
+    endpoint: str = "chat/get",
+    throttled: int = 0,
+) -> None:
+    engine = create_db_engine(db)
+    try:
+        with engine.begin() as conn:
+            record_calls(conn, [EndpointCalls(endpoint, calls, throttled)], source=source, at=at)
+    finally:
+        engine.dispose()
+
+
+def add_exhaustion(db: URL, at: dt.datetime) -> None:
+    engine = create_db_engine(db)
+    try:
+        with engine.begin() as conn:
+            record_exhaustion(conn, at=at, source="schedule", run_id=None, error=ERROR_90020)
+    finally:
+        engine.dispose()
+
+
+def budget_config(
+    folder: Path,
+    db: URL,
+    *,
+    quota: int | None = None,
+    timezone: str | None = None,
+    schedule: dict[str, Any] | None = None,
+    chatids: list[str] | None = None,
+) -> Path:
+    """[database] and the budget's keys; no credentials (`status` needs none)."""
+    return write_config(
+        folder,
+        db,
+        chatids=chatids,
+        app_key=None,
+        app_secret=None,
+        name="status.toml",
+        dingtalk={"monthly_call_quota": quota, "quota_timezone": timezone},
+        schedule=schedule or {},
+    )
+
+
+def add_month_of_calls(db: URL) -> None:
+    """The calls of November 2026 (and the last of October) around ``NOW``."""
+    count_calls(db, dt.datetime(2026, 10, 31, 15, 59, 59, 999999, tzinfo=dt.UTC), 7000)
+    # 00:00 on 1 November in Shanghai, still 31 October in UTC.
+    count_calls(db, dt.datetime(2026, 10, 31, 16, tzinfo=dt.UTC), 100)
+    # DingTalk does not count the calls it refused as throttled.
+    count_calls(db, dt.datetime(2026, 11, 10, 3, tzinfo=dt.UTC), 50, throttled=10)
+    count_calls(
+        db,
+        dt.datetime(2026, 11, 15, 12, tzinfo=dt.UTC),
+        10,
+        source="listen",
+        endpoint="gateway/connections/open",
+    )
+    count_calls(db, dt.datetime(2026, 11, 19, 23, tzinfo=dt.UTC), 900)
+
+
+BY_SCHEDULE = [
+    # id, quota_timezone, the API line, the verdict of --quota-warn 40
+    (
+        "shanghai",
+        None,
+        # 1,050 made (the 7,000 of October do not count); 256 fires left at minute 10 until
+        # 16:00 UTC on 30 November, each reading the 3 chats and a token: 1,024; the
+        # listener's 10 calls at this month's pace add 6.
+        "api calls this month (2026-11, Asia/Shanghai): 1,050 of the quota of 5,000; "
+        "projected 2,080 at the month's end, 41.6% of the quota (basis: schedule)",
+        "QUOTA: projected 2,080 API calls this month, 41.6% of the quota of 5,000, more than "
+        "the allowed 40%",
+    ),
+    (
+        "utc",
+        "UTC",
+        # The month begins 8 hours later: the 100 calls at 16:00 UTC on 31 October are
+        # October's; 264 fires left until midnight UTC on 30 November.
+        "api calls this month (2026-11, UTC): 950 of the quota of 5,000; "
+        "projected 2,012 at the month's end, 40.3% of the quota (basis: schedule)",
+        "QUOTA: projected 2,012 API calls this month, 40.3% of the quota of 5,000, more than "
+        "the allowed 40%",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("timezone", "line", "verdict"), [b[1:] for b in BY_SCHEDULE], ids=[b[0] for b in BY_SCHEDULE]
+)
+def test_status_shows_the_month_by_the_schedule(
+    db_url: URL, tmp_path: Path, timezone: str | None, line: str, verdict: str
+) -> None:
+    add_run(db_url, "succeeded", hours_ago=1, now=NOW)
+    add_month_of_calls(db_url)
+    path = budget_config(
+        tmp_path,
+        db_url,
+        quota=5000,
+        timezone=timezone,
+        schedule={"cron": "10 * * * *"},
+        chatids=["chat-a", "chat-b", "chat-c"],
+    )
+    config = load_config(path, need_api=False, environ={})
+
+    health = read_health(config, now=NOW)
+    warned = read_health(config, quota_warn_percent=40, now=NOW)
+    within = read_health(config, quota_warn_percent=42, now=NOW)
+
+    assert (health.exit_code, health.lines()[0], health.lines()[-1]) == (
+        0,
+        "OK: last success 1h ago (run 1)",
+        line,
+    )
+    assert warned.exit_code == 1
+    assert warned.lines()[:2] == [verdict, "OK: last success 1h ago (run 1)"]
+    assert warned.lines()[-1] == line
+    assert within.exit_code == 0
+    assert within.lines() == health.lines()
+
+
+def test_status_json_has_the_month(db_url: URL, tmp_path: Path) -> None:
+    add_run(db_url, "succeeded", hours_ago=1, now=NOW)
+    add_month_of_calls(db_url)
+    add_exhaustion(db_url, dt.datetime(2026, 11, 19, 23, 30, tzinfo=dt.UTC))
+    path = budget_config(
+        tmp_path, db_url, quota=5000, schedule={"cron": "10 * * * *"}, chatids=["chat-a"]
+    )
+
+    state = read_health(
+        load_config(path, need_api=False, environ={}), quota_warn_percent=100, now=NOW
+    ).as_json()
+
+    verdict = (
+        "QUOTA: DingTalk said the month's API quota is used up (90020) at "
+        "2026-11-19T23:30:00+00:00; polling is paused until 2026-11-30T16:00:00+00:00"
+    )
+    # 1,050 made, 256 fires of one chat and a token left, the listener's pace.
+    assert {key: state[key] for key in BUDGET_KEYS} == {
+        "api_calls_this_month": 1050,
+        "monthly_call_quota": 5000,
+        "projected_calls": 1050 + 256 * 2 + 6,
+        "projection_basis": "schedule",
+        "projected_percent_of_quota": 31.4,
+        "quota_timezone": "Asia/Shanghai",
+        "quota_month_started_at": "2026-10-31T16:00:00+00:00",
+        "quota_month_resets_at": "2026-11-30T16:00:00+00:00",
+        "quota_exhausted_at": "2026-11-19T23:30:00+00:00",
+        "quota_warn_percent": 100.0,
+        "quota_verdict": verdict,
+    }
+    assert (state["healthy"], state["exit_code"], state["verdict"]) == (False, 1, verdict)
+
+
+def test_status_projects_by_pace_without_a_schedule(db_url: URL, tmp_path: Path) -> None:
+    add_run(db_url, "succeeded", hours_ago=1, now=NOW)
+    count_calls(db_url, dt.datetime(2026, 11, 10, tzinfo=dt.UTC), 1000)
+    config = load_config(budget_config(tmp_path, db_url), need_api=False, environ={})
+
+    health = read_health(config, quota_warn_percent=80, now=NOW)
+
+    # 1,000 calls in 19 days and 8 hours, carried to the 30 days of November: 1,551.7.
+    assert health.lines()[-2:] == [
+        "api calls this month (2026-11, Asia/Shanghai): 1,000, no quota set; projected 1,552 "
+        "at the month's end (basis: pace)",
+        "quota check: no [dingtalk] monthly_call_quota set, nothing to check for --quota-warn 80%",
+    ]
+    assert health.exit_code == 0
+
+
+QUOTA_WARN: list[tuple[str, list[str], int, list[str]]] = [
+    # id, options, exit code, first lines (OK: the runs' verdict)
+    ("no-check", [], 0, ["OK"]),
+    (
+        "past-80",
+        ["--quota-warn", "80"],
+        1,
+        [
+            "QUOTA: projected 4,500 API calls this month, 90% of the quota of 5,000, more than "
+            "the allowed 80%",
+            "OK",
+        ],
+    ),
+    ("exactly-90-passes-nothing", ["--quota-warn", "90"], 0, ["OK"]),
+    (
+        "past-89.9-percent",
+        ["--quota-warn", "89.9%"],
+        1,
+        [
+            "QUOTA: projected 4,500 API calls this month, 90% of the quota of 5,000, more than "
+            "the allowed 89.9%",
+            "OK",
+        ],
+    ),
+    ("within-100", ["--quota-warn", "100"], 0, ["OK"]),
+    (
+        "stale-and-past",
+        ["--max-age", "30m", "--quota-warn", "80"],
+        1,
+        [
+            "STALE: last success 1h ago (run 1), more than the allowed 30m",
+            "QUOTA: projected 4,500 API calls this month, 90% of the quota of 5,000, more than "
+            "the allowed 80%",
+        ],
+    ),
+    (
+        "stale-within",
+        ["--max-age", "30m", "--quota-warn", "100"],
+        1,
+        ["STALE: last success 1h ago (run 1), more than the allowed 30m", "last success: run 1"],
+    ),
+]
+
+
+def test_quota_warn_exit_codes(db_url: URL, tmp_path: Path) -> None:
+    month = this_month()
+    run = add_run(db_url, "succeeded", hours_ago=1, chats_skipped=5)
+    count_calls(db_url, month.start - dt.timedelta(microseconds=1), 10_000)  # last month
+    count_calls(db_url, month.start, 4500)
+    config = budget_config(
+        tmp_path, db_url, quota=5000, schedule=NO_FIRE_LEFT, chatids=["chat-a", "chat-b"]
+    )
+    label = f"{month.start.astimezone(SHANGHAI):%Y-%m}"
+    ok = "OK: last success 1h ago (run 1)"
+
+    for case, options, code, first in QUOTA_WARN:
+        result = invoke(["--config", str(config), "status", *options])
+
+        lines = result.stdout.splitlines()
+        assert (case, result.exit_code) == (case, code)
+        expected = [ok if line == "OK" else line for line in first]
+        assert [line[: len(e)] for line, e in zip(lines, expected, strict=False)] == expected
+        assert f"last run: run 1 succeeded (schedule), started {iso(run['started_at'])}, " in (
+            result.stdout
+        )
+        assert "; 3 ok, 0 failed of 3 chats, 5 skipped\n" in result.stdout
+        assert lines[-1] == (
+            f"api calls this month ({label}, Asia/Shanghai): 4,500 of the quota of 5,000; "
+            "projected 4,500 at the month's end, 90% of the quota (basis: schedule)"
+        )
+        assert result.stderr == ""
+
+    state = json.loads(
+        invoke(["--config", str(config), "status", "--quota-warn", "80", "--json"]).stdout
+    )
+    assert (state["healthy"], state["exit_code"]) == (False, 1)
+    assert state["verdict"] == state["quota_verdict"] == QUOTA_WARN[1][3][0]
+    assert (state["api_calls_this_month"], state["projected_calls"]) == (4500, 4500)
+    assert (state["projected_percent_of_quota"], state["quota_warn_percent"]) == (90.0, 80.0)
+    assert state["last_run"]["chats_skipped"] == 5
+
+
+def test_a_90020_this_month_pauses_polling(db_url: URL, tmp_path: Path) -> None:
+    month = this_month()
+    add_run(db_url, "succeeded", hours_ago=1)
+    add_exhaustion(db_url, month.start - dt.timedelta(microseconds=1))  # last month's
+    config = budget_config(tmp_path, db_url, schedule=NO_FIRE_LEFT)
+    label = f"{month.start.astimezone(SHANGHAI):%Y-%m}"
+    budget_line = (
+        f"api calls this month ({label}, Asia/Shanghai): 0, no quota set; projected 0 at the "
+        "month's end (basis: schedule)"
+    )
+
+    before = invoke(["--config", str(config), "status", "--quota-warn", "100"])
+
+    assert before.exit_code == 0
+    assert before.stdout.splitlines()[0] == "OK: last success 1h ago (run 1)"
+    assert before.stdout.splitlines()[-2:] == [
+        budget_line,
+        "quota check: no [dingtalk] monthly_call_quota set, nothing to check for --quota-warn 100%",
+    ]
+
+    add_exhaustion(db_url, month.start)
+    plain = invoke(["--config", str(config), "status"])
+    warned = invoke(["--config", str(config), "status", "--quota-warn", "100"])
+    state = json.loads(invoke(["--config", str(config), "status", "--json"]).stdout)
+
+    resets = f"{month.end.astimezone(SHANGHAI):%Y-%m-%d %H:%M}"
+    paused = [
+        budget_line,
+        f"quota used up: DingTalk said 90020 at {iso(month.start)}; polling is paused until "
+        f"the quota month resets at {iso(month.end)} ({resets} Asia/Shanghai)",
+    ]
+    assert resets.endswith(" 00:00")
+    assert plain.exit_code == 0
+    assert plain.stdout.splitlines()[0] == "OK: last success 1h ago (run 1)"
+    assert plain.stdout.splitlines()[-2:] == paused
+    # A quota used up fails --quota-warn, whether a quota is configured or not.
+    assert warned.exit_code == 1
+    assert warned.stdout.splitlines()[:2] == [
+        f"QUOTA: DingTalk said the month's API quota is used up (90020) at {iso(month.start)}; "
+        f"polling is paused until {iso(month.end)}",
+        "OK: last success 1h ago (run 1)",
+    ]
+    assert warned.stdout.splitlines()[-2:] == paused
+    assert state["quota_exhausted_at"] == month.start.isoformat()
+    assert state["quota_month_resets_at"] == month.end.isoformat()
+    assert (state["exit_code"], state["quota_verdict"]) == (0, None)
+
+
+def test_the_documented_calls_this_month_query(db_url: URL) -> None:
+    """docs/schema.md's `calls-this-month` answers what `status` counts."""
+    add_month_of_calls(db_url)
+    engine = create_db_engine(db_url)
+    try:
+        for since, expected in [
+            (dt.datetime(2026, 10, 31, 16, tzinfo=dt.UTC), 1050),  # November in Shanghai
+            (dt.datetime(2026, 11, 1, tzinfo=dt.UTC), 950),  # November in UTC
+            (dt.datetime(2026, 12, 1, tzinfo=dt.UTC), 0),
+        ]:
+            assert run_documented(engine, "calls-this-month", since=since) == [(expected,)]
+            assert BudgetLog(engine).used_since(since) == expected
+    finally:
+        engine.dispose()
+    assert "calls-this-month" in sql_blocks()
+
+
+BAD_PERCENTS = ["0", "-5", "abc", "", "nan", "inf", "80%%"]
+
+
+@pytest.mark.parametrize("value", BAD_PERCENTS, ids=[repr(v) for v in BAD_PERCENTS])
+def test_bad_quota_warn_is_a_usage_error(sqlite_url: URL, tmp_path: Path, value: str) -> None:
+    config = database_config(tmp_path, sqlite_url)
+
+    result = invoke(["--config", str(config), "status", "--quota-warn", value])
+
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: Invalid value for '--quota-warn': {value!r} is not a percentage: use a "
+        "number > 0, as in 80 or 100"
+    )
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -294,7 +718,7 @@ def test_status_on_an_unmigrated_database_exits_78(tmp_path: Path) -> None:
     assert result.exit_code == 78
     assert result.stderr == (
         "dingtalk-etl: error: the database has no dingtalk-etl schema, this version needs "
-        "0003: run `dingtalk-etl db upgrade` (or pass --migrate)\n"
+        f"{migrate.head_revision()}: run `dingtalk-etl db upgrade` (or pass --migrate)\n"
     )
 
 
@@ -317,7 +741,9 @@ def test_status_help_documents_the_exit_codes() -> None:
         "--max-age DURATION",
         "90s, 30m, 2h, 1d or plain seconds",
         "0   healthy",
-        "1   unhealthy: no successful run recorded, or the last is older than --max-age",
+        "1   unhealthy: no successful run recorded, or the last is older than --max-age,",
+        "or the projection passes --quota-warn of the quota, or DingTalk said 90020",
+        "--quota-warn PERCENT",
         "78  configuration error",
         "--json",
     ):
