@@ -8,6 +8,7 @@ moves the chat's ``next_poll_at`` (or a row's time) back, as the passing time wo
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
@@ -410,3 +411,21 @@ def test_sync_summary_says_how_many_chats_were_not_due(
 
     assert result.exit_code == 0
     assert ", 0 changed of 0 chats, 3 not due; 0 api calls, 0 retries;" in result.stdout
+
+
+def test_sync_says_when_the_month_cannot_fit_the_quota(
+    db_url: URL, simulator: Simulator, make_config: MakeConfig, tmp_path: Path
+) -> None:
+    raw = make_config(db_url, simulator.base_url, CHATS, dingtalk={"monthly_call_quota": 50})
+    # Every second, three chats every run: 4 calls a second, far more than 50 a month
+    # (whatever the time of the month the test runs at).
+    settings = dataclasses.replace(
+        raw, schedule=raw.schedule.model_copy(update={"interval_seconds": 1})
+    )
+
+    with structlog.testing.capture_logs() as logs:
+        run_sync(settings)
+
+    [warning] = [e for e in logs if e["event"] == "quota.projection_exceeds"]
+    assert (warning["quota"], warning["basis"]) == (50, "schedule")
+    assert warning["projected_calls"] > 50
