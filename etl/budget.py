@@ -17,7 +17,7 @@ import structlog
 from sqlalchemy import Engine
 
 from etl.budgetstore import BudgetLog
-from etl.config import Config
+from etl.config import Config, has_schedule
 from etl.eventstore import ListenerLog
 from etl.polling import (
     TOKEN_CALLS_PER_RUN,
@@ -37,7 +37,6 @@ from etl.quota import (
     quota_month,
     remaining,
 )
-from etl.triggers import fire_times, has_schedule, next_fire
 
 log = structlog.get_logger("etl.budget")
 
@@ -97,8 +96,16 @@ def make_policy(
         lookahead_seconds=lookahead(previous_run_seconds, config.schedule.jitter_seconds),
         listener_connected=listener_connected,
         reconcile_delay_seconds=config.events.reconcile_delay_seconds,
-        next_run_at=next_fire(config, now),
+        next_run_at=_next_fire(config, now),
     )
+
+
+def _next_fire(config: Config, now: dt.datetime) -> dt.datetime | None:
+    if not has_schedule(config):
+        return None
+    from etl.triggers import next_fire  # APScheduler: only with a schedule
+
+    return next_fire(config, now)
 
 
 def listener_connected(engine: Engine, now: dt.datetime) -> bool:
@@ -167,6 +174,8 @@ def month_budget(
     used = budget.used_since(month.start)
     exhausted_at = budget.exhausted_since(month.start)
     if has_schedule(config):
+        from etl.triggers import fire_times  # APScheduler: only with a schedule
+
         fires = fire_times(config, now, month.end)
         plan: list[ChatPoll] = budget.poll_plan(synced)
         reads = reads_per_fire(plan, policy(config, engine, now), fires)

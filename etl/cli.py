@@ -6,6 +6,7 @@ Exit codes (the contract): 0 ok, 1 partial, 2 usage, 3 run failed, 75 locked, 78
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import math
 import signal
@@ -15,32 +16,46 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from types import FrameType
-from typing import Any, NoReturn, TypeVar
+from types import FrameType, ModuleType
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from zoneinfo import ZoneInfo
 
 import click
-from sqlalchemy import Engine
 
-from etl import __version__, migrate, reports
-from etl.config import Config, check_chatid, load_config, resolve_config_path
-from etl.db import database_errors, open_database, require_schema
-from etl.demo import demo_world, run_demo
+from etl import __version__
 from etl.errors import EtlError, ExitCode
-from etl.listener import run_listen
-from etl.lock import run_lock
-from etl.logs import configure_logging
-from etl.monitoring import (
-    listener_metrics_writer,
-    monitored_sync,
-    parse_duration,
-    read_health,
-)
-from etl.output import plain, to_table, write_text_atomic
-from etl.report_html import FORMATS, render, render_audit
-from etl.runlog import RunLog
-from etl.scheduler import run_schedule
-from etl.simulator import Simulator, StreamGateway, World
+
+# Each command imports what it needs when it runs: `--help`, `--version` and `status` must
+# not pay for Alembic, the simulator, the reports and every SQLAlchemy dialect.
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from etl import reports
+    from etl.config import Config
+    from etl.reports import AuditReport, Report
+    from etl.simulator import Simulator, StreamGateway, World
+
+
+def _lazy_module(name: str) -> ModuleType:
+    """``name``, loaded when an attribute of it is first used (importlib's LazyLoader)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    assert spec is not None
+    assert spec.loader is not None
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+if not TYPE_CHECKING:
+    reports = _lazy_module("etl.reports")
+
+# etl.report_html.FORMATS, named here so that building the options imports no report code (a
+# test keeps the two equal).
+FORMATS = ("table", "csv", "json", "html")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -63,6 +78,8 @@ def _check_chatids(
     _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
 ) -> tuple[str, ...]:
     """``--chatid`` values, stripped; an empty or impossible id is a usage error (exit 2)."""
+    from etl.config import check_chatid
+
     chatids: list[str] = []
     for value in values:
         reason = check_chatid(value.strip())
@@ -74,10 +91,13 @@ def _check_chatids(
 
 class _Ctx:
     def __init__(self, config_option: str | None) -> None:
-        self.config_path = resolve_config_path(config_option)
+        self.config_option = config_option
 
     def load(self, *, need_api: bool) -> Config:
-        config = load_config(self.config_path, need_api=need_api)
+        from etl.config import load_config, resolve_config_path
+        from etl.logs import configure_logging
+
+        config = load_config(resolve_config_path(self.config_option), need_api=need_api)
         configure_logging(config.logging.level, config.logging.format)
         return config
 
@@ -107,6 +127,8 @@ def cli(ctx: click.Context, config_option: str | None) -> None:
     Exit codes: 0 ok, 1 some chats failed, 2 usage error, 3 run failed,
     75 another sync holds the lock, 78 configuration error.
     """
+    from etl.logs import configure_logging
+
     configure_logging()
     ctx.obj = _Ctx(config_option)
 
@@ -127,6 +149,10 @@ def db_upgrade(obj: _Ctx) -> None:
     Example:
       DINGTALK_ETL_DATABASE_URL=postgresql://etl@db/etl dingtalk-etl db upgrade
     """
+    from etl import migrate
+    from etl.db import database_errors, open_database
+    from etl.lock import run_lock
+
     with _errors():
         config = obj.load(need_api=False)
         with (
@@ -182,6 +208,8 @@ def sync(obj: _Ctx, chatids: tuple[str, ...], all_chats: bool, migrate: bool) ->
       dingtalk-etl sync --all
       dingtalk-etl --config /etc/dingtalk-etl/config.toml sync --chatid chat123
     """
+    from etl.monitoring import monitored_sync
+
     if all_chats and chatids:
         raise click.UsageError("give --chatid or --all, not both")
     stop = threading.Event()
@@ -226,6 +254,10 @@ def runs(obj: _Ctx, limit: int, as_json: bool) -> None:
       dingtalk-etl runs --limit 5
       dingtalk-etl runs --json | jq '.[0].status'
     """
+    from etl.db import open_database, require_schema
+    from etl.output import plain, to_table
+    from etl.runlog import RunLog
+
     with _errors():
         config = obj.load(need_api=False)
         with open_database(config) as engine:
@@ -273,6 +305,8 @@ def schedule(obj: _Ctx) -> None:
     Examples:
       dingtalk-etl --config /etc/dingtalk-etl/config.toml schedule
     """
+    from etl.scheduler import run_schedule
+
     stop = threading.Event()
     with _errors(), _stop_on_signals(stop):
         config = obj.load(need_api=True)
@@ -307,6 +341,9 @@ def listen(obj: _Ctx) -> None:
     Examples:
       dingtalk-etl --config /etc/dingtalk-etl/config.toml listen
     """
+    from etl.listener import run_listen
+    from etl.monitoring import listener_metrics_writer
+
     stop = threading.Event()
     with _errors(), _stop_on_signals(stop):
         config = obj.load(need_api=True)
@@ -315,6 +352,8 @@ def listen(obj: _Ctx) -> None:
 
 def _check_duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
     """``90s``, ``30m``, ``2h``, ``1d`` or plain seconds, as whole seconds (else exit 2)."""
+    from etl.monitoring import parse_duration
+
     if value is None:
         return None
     try:
@@ -392,6 +431,8 @@ def status(obj: _Ctx, max_age: int | None, quota_warn: float | None, as_json: bo
       dingtalk-etl status --max-age 1d --json | jq .last_success_age_seconds
       dingtalk-etl status --json | jq '.api_calls_this_month, .projected_calls'
     """
+    from etl.monitoring import read_health
+
     with _errors():
         config = obj.load(need_api=False)
         health = read_health(config, max_age_seconds=max_age, quota_warn_percent=quota_warn)
@@ -523,6 +564,8 @@ def simulate(
       dingtalk-etl simulate --generate 2000 --seed 2 --mutate 0.01 --mutate-seed 5
       dingtalk-etl simulate --generate 300 --rate-limit 20 --latency-ms 30
     """
+    from etl.simulator import Simulator, StreamGateway
+
     if scenario is not None and generate is not None:
         raise click.UsageError("--scenario and --generate are alternatives; give one")
     world = _simulated_world(scenario, generate, seed, max_members)
@@ -568,6 +611,9 @@ def _simulated_world(
     scenario: Path | None, generate: int | None, seed: int, max_members: int
 ) -> World:
     """The world `simulate` serves: generated, from a scenario file, or the demo's."""
+    from etl.demo import demo_world
+    from etl.simulator import World
+
     try:
         if generate is not None:
             return World.generate(generate, seed=seed, max_members=max_members)
@@ -617,11 +663,26 @@ def demo(database: Path) -> None:
     fresh SQLite file, prints the summary and some rows, changes the simulated world
     (joins, leaves, an owner change, a dismissal) and syncs again to show the events.
     """
+    from etl.demo import run_demo
+
     with _errors():
         run_demo(database, echo=click.echo)
 
 
 # -- reports ----------------------------------------------------------------------------------
+
+
+def render(report: Report, fmt: str) -> str:
+    from etl.report_html import render as render_report
+
+    return render_report(report, fmt)
+
+
+def render_audit(audit: AuditReport) -> str:
+    from etl.report_html import render_audit as render_page
+
+    return render_page(audit)
+
 
 TIME_HELP = (
     "ISO 8601: 2026-06-30, 2026-06 (a month), 2026-06-30T18:00, 2026-06-30T10:00:00Z, "
@@ -674,6 +735,9 @@ def _report(
     obj: _Ctx, fmt: str, output: Path | None, build: Callable[[Engine, ZoneInfo], str]
 ) -> None:
     """Load the [database] and [report] settings, check the schema, build, print or write."""
+    from etl.db import open_database, require_schema
+    from etl.output import write_text_atomic
+
     with _errors():
         config = obj.load(need_api=False)
         tz = ZoneInfo(config.report.timezone)

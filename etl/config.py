@@ -1,6 +1,7 @@
 """Configuration: one TOML file plus environment overrides, loaded once into a frozen object.
 
-Bottom layer: imports only ``etl.errors``, ``etl.redact`` and ``etl.crontab``. Every problem
+Bottom layer: imports only ``etl.errors``, ``etl.redact`` and ``etl.normalize`` (and
+``etl.crontab``, with APScheduler, only to check a ``[schedule] cron``). Every problem
 found (unknown keys, wrong types, missing credentials, no chatids, unreadable chatids_file) is
 collected into a single ``ConfigError`` that names the file and each bad key, so an operator
 fixes them in one go.
@@ -32,7 +33,6 @@ from pydantic_core import PydanticCustomError
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from etl.crontab import check_crontab
 from etl.errors import ConfigError
 from etl.normalize import MAX_ID_LENGTH
 from etl.redact import register_secret
@@ -117,6 +117,8 @@ class SyncSettings(_Section):
 
 
 def _check_cron(value: str) -> str:
+    from etl.crontab import check_crontab  # APScheduler: only for a file with a cron
+
     try:
         check_crontab(value)
     except ValueError as exc:
@@ -558,3 +560,8 @@ def _collect_chatids(
     if report_empty and not chatids and not any(p.startswith("[sync] chatids") for p in problems):
         problems.append("[sync] chatids: no chatids configured (set chatids or chatids_file)")
     return chatids
+
+
+def has_schedule(config: Config) -> bool:
+    """Whether ``[schedule]`` says when to run."""
+    return any(getattr(config.schedule, key) is not None for key in SCHEDULE_TRIGGERS)

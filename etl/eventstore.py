@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, func, insert, select
 
+from etl.config import Config
 from etl.db import database_errors, writing
 from etl.events import (
     ALREADY_RECORDED,
@@ -342,3 +343,9 @@ class ListenerLog:
         )
         with database_errors("counting events"), self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
+
+
+def synced_chatids(config: Config, engine: Engine) -> tuple[str, ...]:
+    """The synced set: the configured chats, then those that events added (discovery)."""
+    discovered = EventStore(engine).discovered()
+    return config.chatids + tuple(sorted(discovered - set(config.chatids)))

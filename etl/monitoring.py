@@ -22,10 +22,9 @@ import zoneinfo
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-import requests
 import structlog
 from sqlalchemy import Engine, select
 
@@ -41,11 +40,13 @@ from etl.errors import (
     describe_exception,
     exit_code_for,
 )
-from etl.eventstore import EventStore, ListenerLog
+from etl.eventstore import EventStore, ListenerLog, synced_chatids
 from etl.output import plain, write_text_atomic
 from etl.runlog import RunLog
 from etl.schema import chats
-from etl.sync import RunResult, run_sync, synced_chatids
+
+if TYPE_CHECKING:
+    from etl.sync import RunResult
 
 log = structlog.get_logger("etl.monitoring")
 
@@ -117,6 +118,8 @@ class HealthPinger:
         parts = urlsplit(self.url)
         path = parts.path.rstrip("/") + (f"/{suffix}" if suffix else "")
         target = urlunsplit(parts._replace(path=path or "/"))
+        import requests  # only a run with a ping URL needs it
+
         try:
             response = requests.post(
                 target,
@@ -354,7 +357,7 @@ def _from_database(
 def _planned_chats(config: Config, engine: Engine) -> tuple[str, ...]:
     """The synced set the month's projection plans for.
 
-    The configured chats with the discovered ones (``etl.sync.synced_chatids``). A command
+    The configured chats with the discovered ones (``etl.eventstore.synced_chatids``). A command
     that loads the configuration without chatids (``status`` needs only ``[database]``) has
     the ``[sync] chatids`` list of the file; when a ``chatids_file`` completes it, or there
     is none, every chat the database knows is taken too.
@@ -390,6 +393,8 @@ def monitored_sync(
     Raises what ``run_sync`` raises. A sync refused because another holds the lock (exit 75)
     sends no completion ping and leaves the metrics file alone: the holder reports its run.
     """
+    from etl.sync import run_sync  # the status command, also here, needs none of it
+
     pinger = HealthPinger(config.monitoring.healthcheck_url)
     pinger.start()
     started_at = utcnow()

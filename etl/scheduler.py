@@ -46,9 +46,9 @@ from etl.errors import (
     describe_exception,
     exit_code_for,
 )
+from etl.eventstore import synced_chatids
 from etl.monitoring import monitored_sync
 from etl.quota import quota_month
-from etl.sync import synced_chatids
 from etl.triggers import build_trigger, describe_trigger
 
 log = structlog.get_logger("etl.scheduler")

@@ -30,7 +30,7 @@ from etl.config import Config
 from etl.db import database_errors, open_database, utcnow
 from etl.dingtalk import DingTalkClient, Pacer
 from etl.errors import EtlError, ExitCode, FatalError, LockBusy, QuotaExhausted
-from etl.eventstore import EventStore
+from etl.eventstore import synced_chatids
 from etl.fetch import FetchStage
 from etl.lock import OwnedLock, run_lock
 from etl.polling import NextPoll
@@ -412,13 +412,6 @@ def _log_finished(result: RunResult) -> None:
         duration_seconds=round(result.duration_seconds, 3),
         error=result.error,
     )
-
-
-def synced_chatids(config: Config, engine: Engine) -> tuple[str, ...]:
-    """The synced set: the configured chats, then those that events added (discovery)."""
-    with database_errors("reading discovered chats"):
-        discovered = EventStore(engine).discovered()
-    return config.chatids + tuple(sorted(discovered - set(config.chatids)))
 
 
 def reconcile(

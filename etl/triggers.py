@@ -15,7 +15,7 @@ from typing import Any, overload
 
 from apscheduler.triggers.base import BaseTrigger
 
-from etl.config import SCHEDULE_TRIGGERS, Config
+from etl.config import SCHEDULE_TRIGGERS, Config, has_schedule
 from etl.crontab import cron_trigger
 from etl.errors import ConfigError
 
@@ -127,11 +127,6 @@ def fire_times(config: Config, start: dt.datetime, end: dt.datetime) -> Sequence
         last = math.ceil(end.timestamp() / seconds) - 1
         return _Slots(first, max(0, last - first + 1), seconds, trigger.timezone)
     return list(fires_between(trigger, start, end))
-
-
-def has_schedule(config: Config) -> bool:
-    """Whether ``[schedule]`` says when to run."""
-    return any(getattr(config.schedule, key) is not None for key in SCHEDULE_TRIGGERS)
 
 
 def next_fire(config: Config, now: dt.datetime) -> dt.datetime | None:

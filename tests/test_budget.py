@@ -25,11 +25,11 @@ from etl.budgetstore import record_exhaustion
 from etl.cli import cli
 from etl.config import Config
 from etl.db import create_db_engine, utcnow
-from etl.eventstore import ListenerLog
+from etl.eventstore import ListenerLog, synced_chatids
 from etl.quota import quota_month
 from etl.schema import api_calls, chats, pushed_events, quota_exhaustions
 from etl.simulator import Simulator, World
-from etl.sync import run_sync, synced_chatids
+from etl.sync import run_sync
 from tests.conftest import MakeConfig
 from tests.helpers import clean_env, rows, wait_for, write_config
 from tests.test_listen import Running, Setup, first_sync, listen, setup, table, until
