@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest slow bench bench-events bench-month clean help deps-system
+.PHONY: demo test lint typecheck pytest slow bench bench-events bench-month bench-scale clean help deps-system
 
 help:
 	@echo "make demo   - create .venv, install, run the demo against the bundled simulator"
@@ -12,6 +12,7 @@ help:
 	@echo "make bench  - throughput benchmark (see README)"
 	@echo "make bench-events - group-event benchmark of listen (see README)"
 	@echo "make bench-month - a simulated month of the poll plan: API calls, delays (see README)"
+	@echo "make bench-scale - CLI and reports on a year of 2,000 chats on PostgreSQL (see README)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +63,9 @@ bench-events: $(STAMP)
 
 bench-month: $(STAMP)
 	$(BIN)/python bench/month.py
+
+bench-scale: $(STAMP)
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo.db demo.db-* demo.db.lock
