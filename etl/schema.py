@@ -26,7 +26,6 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.dialects import mysql
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from etl.normalize import MAX_ID_LENGTH
@@ -51,6 +50,10 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name in {"mysql", "mariadb"}:
+            # Imported here: the MySQL dialect package (and its drivers' modules) costs every
+            # command's start otherwise, and only a MySQL engine needs it, which has it loaded.
+            from sqlalchemy.dialects import mysql
+
             return dialect.type_descriptor(mysql.DATETIME(fsp=6))
         return dialect.type_descriptor(DateTime(timezone=True))
 
