@@ -10,12 +10,11 @@ import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect
 from sqlalchemy.engine import URL
 
 from etl import __version__, migrate
@@ -25,7 +24,7 @@ from etl.lock import run_lock
 from etl.schema import sync_run_items, sync_runs
 from etl.simulator import Simulator, errmsg_for
 from tests.conftest import APP_KEY, APP_SECRET
-from tests.helpers import write_config
+from tests.helpers import table_rows, write_config
 
 BIN = Path(sys.executable).parent
 # The CLI reads the process environment: every test starts without these.
@@ -49,15 +48,6 @@ def invoke(args: list[str], env: dict[str, str] | None = None) -> Result:
     # Only SystemExit is an expected way out; anything else is a crash with a traceback.
     assert result.exception is None or isinstance(result.exception, SystemExit), result.output
     return result
-
-
-def table_rows(url: URL, table: Any) -> list[dict[str, Any]]:
-    engine = create_db_engine(url)
-    try:
-        with engine.connect() as conn:
-            return [dict(row) for row in conn.execute(select(table)).mappings()]
-    finally:
-        engine.dispose()
 
 
 def table_names(url: URL) -> set[str]:

@@ -23,6 +23,7 @@ from etl.schema import chat_events, chat_members, chats, discovered_chats, pushe
 from etl.simulator import Simulator, StreamGateway, World
 from etl.sync import run_sync
 from tests.conftest import APP_KEY, APP_SECRET, sample_world
+from tests.helpers import table_rows as table
 from tests.helpers import wait_for
 
 CHATS = ["chat-a", "chat-b", "chat-c"]
@@ -33,16 +34,6 @@ RECONCILE_DELAY = 0.3
 def until(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
     """``wait_for`` with the predicate first, as these tests read best."""
     return wait_for(what, predicate, timeout)
-
-
-def table(url: URL, name: Any, *order: Any) -> list[dict[str, Any]]:
-    engine = create_db_engine(url)
-    try:
-        with engine.connect() as conn:
-            query = select(name).order_by(*order) if order else select(name)
-            return [dict(row) for row in conn.execute(query).mappings()]
-    finally:
-        engine.dispose()
 
 
 def replay(url: URL) -> dict[str, set[str]]:

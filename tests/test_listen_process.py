@@ -9,28 +9,17 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from sqlalchemy import select
 from sqlalchemy.engine import URL
 
-from etl.db import create_db_engine
 from etl.schema import chat_events, event_listeners, pushed_events
 from etl.simulator import Simulator, StreamGateway, World
 from tests.conftest import APP_KEY, APP_SECRET, sample_world
+from tests.helpers import table_rows as rows
 from tests.test_listen import until
 
 BIN = Path(sys.executable).parent
-
-
-def rows(url: URL, table: Any) -> list[dict[str, Any]]:
-    engine = create_db_engine(url)
-    try:
-        with engine.connect() as conn:
-            return [dict(r) for r in conn.execute(select(table)).mappings()]
-    finally:
-        engine.dispose()
 
 
 def config_file(
