@@ -8,12 +8,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import replace
+from itertools import chain
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, TypeVar
@@ -36,8 +38,8 @@ from etl.monitoring import (
     parse_duration,
     read_health,
 )
-from etl.output import plain, to_table, write_text_atomic
-from etl.report_html import FORMATS, render, render_audit
+from etl.output import blocks, plain, to_table, write_chunks_atomic
+from etl.report_html import FORMATS, render_audit, render_chunks, render_html
 from etl.runlog import RunLog
 from etl.scheduler import run_schedule
 from etl.simulator import Simulator, StreamGateway, World
@@ -671,23 +673,56 @@ def _report_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _report(
-    obj: _Ctx, fmt: str, output: Path | None, build: Callable[[Engine, ZoneInfo], str]
+    obj: _Ctx, fmt: str, output: Path | None, build: Callable[[Engine, ZoneInfo], Iterable[str]]
 ) -> None:
-    """Load the [database] and [report] settings, check the schema, build, print or write."""
+    """Load the [database] and [report] settings, check the schema, build, print or write.
+
+    ``build`` gives the text in pieces, written as they come: a streamed report reads its
+    rows while they are written, so the database stays open until the last piece.
+    """
     with _errors():
         config = obj.load(need_api=False)
         tz = ZoneInfo(config.report.timezone)
         with open_database(config) as engine:
             require_schema(engine, "reading the database")
-            text = build(engine, tz)
-    if output is None:
-        click.echo(text, nl=False)
-        return
+            with closing(_pieces(build(engine, tz))) as pieces:
+                # A report that fails before its first piece (an unknown chat) leaves stdout
+                # empty and FILE untouched, as it did when reports were built whole.
+                first = next(pieces, "")
+                text = blocks(chain([first], pieces))
+                if output is None:
+                    _print(text)
+                else:
+                    _write(output, text)
+    if output is not None:
+        click.echo(f"wrote {output}", err=True)
+
+
+def _pieces(chunks: Iterable[str]) -> Generator[str, None, None]:
+    # A generator, so that closing it closes a report's stream (and its cursor) in time.
+    yield from chunks
+
+
+def _print(text: Iterable[str]) -> None:
     try:
-        write_text_atomic(output, text)
+        for block in text:
+            click.echo(block, nl=False)
+    except BrokenPipeError:
+        # The reader went away (`| head`): no traceback, and no second error when Python
+        # flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _fail("stdout was closed before the report was written whole", ExitCode.FAILED)
+
+
+def _write(output: Path, text: Iterable[str]) -> None:
+    try:
+        write_chunks_atomic(output, text)
     except OSError as exc:
         _fail(f"cannot write {output}: {exc.strerror or exc}", ExitCode.FAILED)
-    click.echo(f"wrote {output}", err=True)
+
+
+def _rendered(report: reports.Report, fmt: str) -> Iterable[str]:
+    return [render_html(report)] if fmt == "html" else render_chunks(report, fmt)
 
 
 @cli.group(context_settings=CONTEXT)
@@ -756,10 +791,10 @@ def report_members(
       dingtalk-etl report members --chat chat-finance --as-of 2026-06-30T18:00+08:00 --format csv
     """
 
-    def build(engine: Engine, tz: ZoneInfo) -> str:
+    def build(engine: Engine, tz: ZoneInfo) -> Iterable[str]:
         at = _instant(as_of, tz, end=True, option="--as-of")
         result = reports.members(engine, chat, as_of=at, tz=tz, with_series=fmt == "html")
-        return render(result, fmt)
+        return _rendered(result, fmt)
 
     _report(obj, fmt, output, build)
 
@@ -816,32 +851,24 @@ def report_changes(
       dingtalk-etl report changes --since 2026-06 --format html --output audit-june.html
     """
 
-    def build(engine: Engine, tz: ZoneInfo) -> str:
+    def build(engine: Engine, tz: ZoneInfo) -> Iterator[str]:
         start = _instant(since, tz, end=False, option="--since")
         end = _instant(until, tz, end=True, option="--until")
         if start is not None and end is not None and start > end:
             raise click.UsageError("--since is after --until")
+        selection: dict[str, Any] = {
+            "since": start,
+            "until": end,
+            "chats_filter": chats,
+            "userid": userid,
+            "operator": operator,
+            "tz": tz,
+        }
         if fmt == "html":
-            audit = reports.audit(
-                engine,
-                since=start,
-                until=end,
-                chats_filter=chats,
-                userid=userid,
-                operator=operator,
-                tz=tz,
-            )
-            return render_audit(_with_chart_hint(audit))
-        result = reports.changes(
-            engine,
-            since=start,
-            until=end,
-            chats_filter=chats,
-            userid=userid,
-            operator=operator,
-            tz=tz,
-        )
-        return render(result, fmt)
+            yield render_audit(_with_chart_hint(reports.audit(engine, **selection)))
+            return
+        with reports.changes_stream(engine, counted=fmt == "table", **selection) as found:
+            yield from render_chunks(found, fmt)
 
     _report(obj, fmt, output, build)
 
@@ -866,7 +893,9 @@ def report_user(obj: _Ctx, userid: str, fmt: str, output: Path | None) -> None:
       dingtalk-etl report user --userid user0042
       dingtalk-etl report user --userid user0042 --format csv --output user0042.csv
     """
-    _report(obj, fmt, output, lambda engine, tz: render(reports.user(engine, userid, tz=tz), fmt))
+    _report(
+        obj, fmt, output, lambda engine, tz: _rendered(reports.user(engine, userid, tz=tz), fmt)
+    )
 
 
 @report.command("chats", context_settings=CONTEXT)
@@ -894,8 +923,8 @@ def report_chats(obj: _Ctx, status: str | None, risky: bool, fmt: str, output: P
       dingtalk-etl report chats --risky --status normal --format csv
     """
 
-    def build(engine: Engine, tz: ZoneInfo) -> str:
-        return render(reports.chat_list(engine, status=status, risky=risky, tz=tz), fmt)
+    def build(engine: Engine, tz: ZoneInfo) -> Iterable[str]:
+        return _rendered(reports.chat_list(engine, status=status, risky=risky, tz=tz), fmt)
 
     _report(obj, fmt, output, build)
 
@@ -911,7 +940,7 @@ def report_sync_health(obj: _Ctx, fmt: str, output: Path | None) -> None:
       dingtalk-etl report sync-health
       dingtalk-etl report sync-health --format json
     """
-    _report(obj, fmt, output, lambda engine, tz: render(reports.sync_health(engine, tz=tz), fmt))
+    _report(obj, fmt, output, lambda engine, tz: _rendered(reports.sync_health(engine, tz=tz), fmt))
 
 
 @contextmanager

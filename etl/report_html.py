@@ -5,43 +5,54 @@ line (click, option names, exit codes). The HTML is one file with no external as
 CSS, inline SVG, no script; a Content-Security-Policy forbids loading anything), and every
 piece of data in it is escaped, so that a userid or a chat name such as ``<script>`` is shown
 as text.
+
+``render_chunks`` yields the table, CSV and JSON of a report as its rows come (a
+``ReportStream`` is read once, row by row); ``render`` is the same text joined.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import html
-import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from etl import __version__
-from etl.output import cell, plain, to_csv, to_table
-from etl.reports import AuditReport, MembershipSeries, Report, SeriesPoint
+from etl.output import cell, csv_lines, json_array, table_lines
+from etl.reports import AuditReport, MembershipSeries, Report, ReportStream, SeriesPoint
 
 FORMATS: Final = ("table", "csv", "json", "html")
 
 
 def render(report: Report, fmt: str) -> str:
     """``report`` in one of ``FORMATS``; JSON is an array of row objects keyed by column."""
-    if fmt == "json":
-        rows = [{c: plain(row.get(c)) for c in report.columns} for row in report.rows]
-        return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
-    if fmt == "csv":
-        return to_csv(report.rows, report.columns)
     if fmt == "html":
         return render_html(report)
+    return "".join(render_chunks(report, fmt))
+
+
+def render_chunks(report: Report | ReportStream, fmt: str) -> Iterator[str]:
+    """``report`` as table, CSV or JSON, in pieces as its rows come (one per row, about)."""
+    if fmt == "json":
+        return json_array(report.rows, report.columns)
+    if fmt == "csv":
+        return csv_lines(report.rows, report.columns)
     if fmt == "table":
-        return render_table(report)
-    raise ValueError(f"unknown format {fmt!r}")
+        return _table_chunks(report)
+    raise ValueError(f"cannot stream format {fmt!r}")
 
 
 def render_table(report: Report) -> str:
-    rows = [{c: _listed(row.get(c)) for c in report.columns} for row in report.rows]
-    lines = [report.title, f"(times in {report.timezone})", ""]
-    lines.append(to_table(rows, report.columns, width=60))
-    lines.extend(f"note: {note}" for note in report.notes)
-    return "\n".join(lines) + "\n"
+    return "".join(_table_chunks(report))
+
+
+def _table_chunks(report: Report | ReportStream) -> Iterator[str]:
+    yield f"{report.title}\n(times in {report.timezone})\n\n"
+    rows = ({c: _listed(row.get(c)) for c in report.columns} for row in report.rows)
+    for line in table_lines(rows, report.columns, width=60):
+        yield line + "\n"
+    for note in report.notes:
+        yield f"note: {note}\n"
 
 
 def _listed(value: Any) -> Any:

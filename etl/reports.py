@@ -15,13 +15,19 @@ a change: DingTalk's time for a row of a group event (``source = 'event'``, with
 
 A question the data cannot answer (an unknown chat or user, a time before a chat's first
 sync) raises ``etl.errors.NoAnswer``, which carries what was asked.
+
+Scale: the reports bounded by the organisation (members of one chat, one user's chats, the
+chat list, sync health) are read whole. The changes report grows with the history, so
+``changes_stream`` hands its rows over as a server-side cursor reads them (``STREAM_ROWS`` per
+round trip) inside one consistent snapshot.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Final
@@ -69,6 +75,12 @@ CHANGE_KINDS: Final = (
 # The audit charts the first chats of its summary only; ``AuditReport.uncharted`` counts the rest.
 MAX_CHARTS: Final = 50
 _MAX_POINTS: Final = 400
+# Rows a streamed report fetches per round trip to the database: its memory, whatever the
+# number of rows.
+STREAM_ROWS: Final = 1000
+# How long MySQL/MariaDB waits for a slow reader of a streamed report (a pager) before it
+# drops the stream.
+STREAM_WAIT_SECONDS: Final = 3600
 
 BASELINE_NOTE: Final = (
     "joined_at: when the membership began, DingTalk's time for a join received as an event, "
@@ -203,6 +215,19 @@ class Report:
     timezone: str
     notes: list[str] = field(default_factory=list)
     series: list[MembershipSeries] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ReportStream:
+    """A report whose rows come from an open cursor, one at a time: read them once, inside
+    the ``with`` block that gave the stream."""
+
+    name: str
+    title: str
+    columns: tuple[str, ...]
+    rows: Iterator[dict[str, Any]]
+    timezone: str
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -381,32 +406,109 @@ def changes(
     check_window(since, until)
     clock = _Clock(tz)
     with database_errors("reading changes"), engine.connect() as conn:
-        chatids = [_resolve_chat(conn, chat)["chatid"] for chat in chats_filter]
-        for someone in (userid, operator):
-            if someone is not None:
-                _require_user(conn, someone)
-        query = _changes_query(since, until, chatids, userid, operator)
-        rows = conn.execute(query).mappings().all()
-        discovered = conn.execute(_discovered_query(since, until, chatids)).scalars().all()
-    columns, shaped = _shape(
-        rows,
-        {
-            "occurred_at": lambda row: clock(row["occurred_at"]),
-            "observed_at": lambda row: clock(row["observed_at"]),
-            "chatid": itemgetter("chatid"),
-            "chat_name": itemgetter("chat_name"),
-            "change": lambda row: change_kind(
-                row["event_type"], row["field"], row["new_value"], row["old_value"]
-            ),
-            "userid": itemgetter("userid"),
-            "field": itemgetter("field"),
-            "old_value": itemgetter("old_value"),
-            "new_value": itemgetter("new_value"),
-            "run_id": itemgetter("run_id"),
-            "source": itemgetter("source"),
-            "operator_userid": itemgetter("operator_userid"),
-        },
+        plan = _plan_changes(conn, since, until, chats_filter, userid, operator, clock)
+        rows = conn.execute(plan.query).all()
+    shape = _change_row(tz)
+    shaped = [shape(row) for row in rows]
+    return Report(
+        name="changes",
+        title=f"{plan.title}: {len(shaped)}",
+        columns=CHANGE_COLUMNS,
+        rows=shaped,
+        timezone=tz.key,
+        notes=plan.notes,
     )
+
+
+@contextmanager
+def changes_stream(
+    engine: Engine,
+    *,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    chats_filter: Sequence[str] = (),
+    userid: str | None = None,
+    operator: str | None = None,
+    tz: ZoneInfo,
+    counted: bool = True,
+) -> Iterator[ReportStream]:
+    """``changes`` as a stream: its rows are read from a server-side cursor as they are
+    consumed, so memory does not grow with their number. ``counted``: the title ends with the
+    number of rows, as ``changes``'s does (one more query; a format without a title needs
+    none).
+
+    Everything is read in one snapshot (the count agrees with the rows). A database error
+    while the rows are read, in the caller's block, leaves it as ``DatabaseFailure``.
+    """
+    check_window(since, until)
+    clock = _Clock(tz)
+    shape = _change_row(tz)
+    with database_errors("reading changes"), _snapshot(engine) as conn:
+        plan = _plan_changes(conn, since, until, chats_filter, userid, operator, clock)
+        title = plan.title
+        if counted:
+            title += f": {_count(conn, plan)}"
+        if conn.dialect.name in {"mysql", "mariadb"}:
+            # The server drops a streamed result that its reader leaves waiting longer than
+            # this (60 s by default): a person paging through the report is such a reader.
+            conn.exec_driver_sql(f"SET SESSION net_write_timeout = {STREAM_WAIT_SECONDS}")
+        streaming = conn.execution_options(stream_results=True, yield_per=STREAM_ROWS)
+        result = streaming.execute(plan.query)
+        try:
+            yield ReportStream(
+                name="changes",
+                title=title,
+                columns=CHANGE_COLUMNS,
+                rows=map(shape, result),
+                timezone=tz.key,
+                notes=plan.notes,
+            )
+        finally:
+            # A lost connection is closed already (SQLAlchemy invalidated it); else the
+            # cursor of a stream left early (`| head`) is released here, not at exit.
+            if not conn.invalidated:
+                result.close()
+
+
+@contextmanager
+def _snapshot(engine: Engine) -> Iterator[Connection]:
+    """A connection whose statements all read the same state of the database, however long
+    a stream takes: one REPEATABLE READ transaction (SQLite's transactions always are)."""
+    with engine.connect() as conn:
+        if conn.dialect.name != "sqlite":
+            conn.execution_options(isolation_level="REPEATABLE READ")
+        yield conn
+
+
+@dataclass(frozen=True)
+class _ChangesPlan:
+    """The changes a report selects: its filter, its query, title (without the count) and
+    notes."""
+
+    chatids: list[str]
+    where: list[ColumnElement[bool]]
+    query: Any
+    title: str
+    notes: list[str]
+
+
+def _plan_changes(
+    conn: Connection,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    chats_filter: Sequence[str],
+    userid: str | None,
+    operator: str | None,
+    clock: _Clock,
+) -> _ChangesPlan:
+    """Resolve the chats and users asked about (``NoAnswer`` for an unknown one) and plan
+    the changes query."""
+    chatids = [_resolve_chat(conn, chat)["chatid"] for chat in chats_filter]
+    for someone in (userid, operator):
+        if someone is not None:
+            _require_user(conn, someone)
+    where = _changes_where(since, until, chatids, userid, operator)
+    discovered = conn.execute(_discovered_query(since, until, chatids)).scalars().all()
     notes = [CHANGES_NOTE]
     if discovered and userid is None and operator is None:
         listed = ", ".join(discovered[:10]) + (" ..." if len(discovered) > 10 else "")
@@ -424,14 +526,53 @@ def changes(
         title += " for " + "; ".join(scope)
     if operator is not None:
         title += f" made by {operator}"
-    return Report(
-        name="changes",
-        title=f"{title}: {len(shaped)}",
-        columns=columns,
-        rows=shaped,
-        timezone=tz.key,
-        notes=notes,
-    )
+    return _ChangesPlan(chatids, where, _changes_query(where), title, notes)
+
+
+def _count(conn: Connection, plan: _ChangesPlan) -> int:
+    query = select(func.count()).select_from(chat_events).where(*plan.where)
+    return int(conn.execute(query).scalar_one())
+
+
+CHANGE_COLUMNS: Final = (
+    "occurred_at",
+    "observed_at",
+    "chatid",
+    "chat_name",
+    "change",
+    "userid",
+    "field",
+    "old_value",
+    "new_value",
+    "run_id",
+    "source",
+    "operator_userid",
+)
+
+
+def _change_row(tz: ZoneInfo) -> Callable[[Any], dict[str, Any]]:
+    """The ``changes`` row (``CHANGE_COLUMNS``) of a row of ``_changes_query``: one function
+    rather than a cell function per column, as it runs for every row of a long report."""
+
+    def shape(row: Any) -> dict[str, Any]:
+        (occurred, observed, chatid, name, event_type, userid, field_name, old, new, *rest) = row
+        run_id, source, operator = rest
+        return {
+            "occurred_at": occurred.astimezone(tz),
+            "observed_at": observed.astimezone(tz),
+            "chatid": chatid,
+            "chat_name": name,
+            "change": change_kind(event_type, field_name, new, old),
+            "userid": userid,
+            "field": field_name,
+            "old_value": old,
+            "new_value": new,
+            "run_id": run_id,
+            "source": source,
+            "operator_userid": operator,
+        }
+
+    return shape
 
 
 def change_kind(event_type: str, field_name: str | None, new: str | None, old: str | None) -> str:
@@ -450,13 +591,13 @@ def change_kind(event_type: str, field_name: str | None, new: str | None, old: s
     return "setting_changed"
 
 
-def _changes_query(
+def _changes_where(
     since: dt.datetime | None,
     until: dt.datetime | None,
     chatids: Sequence[str],
     userid: str | None,
     operator: str | None = None,
-) -> Any:
+) -> list[ColumnElement[bool]]:
     e = chat_events
     where: list[ColumnElement[bool]] = [
         e.c.event_type.in_((*MEMBER_EVENTS, "attribute_changed")),
@@ -477,6 +618,11 @@ def _changes_query(
                 ),
             )
         )
+    return where
+
+
+def _changes_query(where: Sequence[ColumnElement[bool]]) -> Any:
+    e = chat_events
     return (
         select(
             e.c.occurred_at,

@@ -1,0 +1,262 @@
+"""Reports on a large history (tests/history.py: 46,080 changes of 200 chats over 24 days), on
+each database: `report changes` streams its rows with memory that does not grow with their
+number, and fails cleanly when the database goes away mid-stream."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.conftest import DATABASES
+from tests.helpers import ADMIN_URLS, clean_env, fresh_database, migrated, wait_for
+from tests.history import History, build_history
+
+HISTORY = {"chats": 200, "days": 25, "per_day": 8, "busy": 20}
+# Runs are at 18:15 UTC: day N's run is on 2026-01-(N+1) in UTC.
+SMALL = ("--since", "2026-01-02", "--until", "2026-01-04")  # days 1-3: 5,760 changes
+LARGE = ("--since", "2026-01-02")  # days 1-24: 46,080 changes, 8 times as many
+# Peak memory may grow this much from the small window to the large one. Collecting the rows
+# first, as `report changes` did before it streamed, costs about 1.4 KB per row: some 55 MB
+# more for the large window (measured on this history: +72 MB for 52,000 more rows).
+GROWTH_MB = 10
+
+
+@dataclass(frozen=True)
+class Big:
+    kind: str
+    history: History
+    config: Path
+
+
+@pytest.fixture(scope="module", params=DATABASES, ids=DATABASES)
+def big(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Big:
+    """The large history, built once per module and database."""
+    kind = str(request.param)
+    folder = tmp_path_factory.mktemp(f"history-{kind}")
+    url = migrated(fresh_database(kind, folder, suffix="_history"))
+    history = build_history(url, **HISTORY)
+    config = folder / "config.toml"
+    config.write_text(
+        f'[database]\nurl = "{url.render_as_string(hide_password=False)}"\n'
+        '[logging]\nlevel = "ERROR"\n',
+        encoding="utf-8",
+    )
+    return Big(kind, history, config)
+
+
+@dataclass(frozen=True)
+class Run:
+    code: int
+    stderr: str
+    peak_mb: float
+
+
+def command(big: Big, *args: str) -> list[str]:
+    return [sys.executable, "-m", "etl", "--config", str(big.config), *args]
+
+
+def run_measured(big: Big, *args: str, cwd: Path) -> Run:
+    """Run the command line in a child and return its peak resident memory (``wait4`` reports
+    that child's own, not the largest of every child this test process ever had)."""
+    errors = cwd / "stderr.txt"
+    with (
+        errors.open("wb") as stderr,
+        subprocess.Popen(
+            command(big, *args),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=clean_env(),
+            cwd=cwd,
+        ) as child,
+    ):
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+    return Run(child.returncode, errors.read_text(encoding="utf-8"), usage.ru_maxrss / 1024)
+
+
+def rows_written(path: Path, fmt: str) -> int:
+    """The number of changes in a report file."""
+    with path.open(encoding="utf-8", newline="") as handle:
+        if fmt == "csv":
+            return sum(1 for _ in csv.reader(handle)) - 1
+        if fmt == "json":
+            parsed = json.load(handle)
+            assert isinstance(parsed, list)
+            return len(parsed)
+        if fmt == "table":
+            lines = handle.read().splitlines()
+            rule = next(i for i, line in enumerate(lines) if line.startswith("----"))
+            return sum(1 for line in lines[rule + 1 :] if not line.startswith("note: "))
+    raise ValueError(fmt)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "table"])
+def test_memory_does_not_grow_with_the_rows_of_a_report(big: Big, fmt: str, tmp_path: Path) -> None:
+    """Streaming, shown by memory: the same command on the same database, for a window with
+    8 times as many changes, must not take more than ``GROWTH_MB`` more peak memory.
+
+    Measured on the real command in a child process (peak RSS from ``wait4``), so that the
+    driver's buffers count too (a driver that buffered the whole result would show here, and
+    tracemalloc does not see memory allocated by C code such as psycopg's). Both windows read
+    the same database, so they differ only in the rows written.
+    """
+    few = run_measured(
+        big, "report", "changes", *SMALL, "--format", fmt, "--output", f"few.{fmt}", cwd=tmp_path
+    )
+    many = run_measured(
+        big, "report", "changes", *LARGE, "--format", fmt, "--output", f"many.{fmt}", cwd=tmp_path
+    )
+
+    assert (few.code, many.code) == (0, 0), few.stderr + many.stderr
+    assert rows_written(tmp_path / f"few.{fmt}", fmt) == big.history.changes_between(1, 3)
+    assert rows_written(tmp_path / f"many.{fmt}", fmt) == big.history.changes
+    growth = many.peak_mb - few.peak_mb
+    assert growth < GROWTH_MB, f"{few.peak_mb:.1f} MB -> {many.peak_mb:.1f} MB"
+
+
+# -- a database lost mid-stream ------------------------------------------------------------------
+
+SERVERS = ["postgresql", "mariadb"]  # SQLite has no server to lose
+
+
+def cut_off(big: Big) -> int:
+    """End every session on the history's database, as a server restart would; how many."""
+    database = big.history.url.database
+    admin = create_engine(ADMIN_URLS[big.kind], isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            if big.kind == "postgresql":
+                ended = conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :n AND pid <> pg_backend_pid()"
+                    ),
+                    {"n": database},
+                ).scalars()
+                return sum(1 for done in ended if done)
+            sessions = conn.execute(
+                text(
+                    "SELECT id FROM information_schema.processlist "
+                    "WHERE db = :n AND id <> CONNECTION_ID()"
+                ),
+                {"n": database},
+            ).scalars()
+            killed = 0
+            for session in sessions.all():
+                conn.execute(text(f"KILL {int(session)}"))
+                killed += 1
+            return killed
+    finally:
+        admin.dispose()
+
+
+LOST = {
+    "postgresql": "terminating connection due to administrator command",
+    "mariadb": "Lost connection to MySQL server during query",
+}
+
+
+def started_file(folder: Path) -> bool:
+    """A temporary report file holds its first rows."""
+    for candidate in folder.glob(".changes.csv.*.tmp"):
+        try:
+            if candidate.stat().st_size > 0:
+                return True
+        except FileNotFoundError:  # renamed or removed meanwhile
+            pass
+    return False
+
+
+@pytest.mark.parametrize("big", SERVERS, indirect=True)
+def test_a_database_lost_mid_stream_leaves_the_output_file_as_it_was(
+    big: Big, tmp_path: Path
+) -> None:
+    target = tmp_path / "changes.csv"
+    target.write_text("the previous report\n", encoding="utf-8")
+    with subprocess.Popen(
+        command(big, "report", "changes", "--format", "csv", "--output", str(target)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    ) as child:
+        try:
+            wait_for(
+                "the report's first rows in its temporary file", lambda: started_file(tmp_path)
+            )
+            # Held still while its session is ended: the stream is cut halfway for certain.
+            os.kill(child.pid, signal.SIGSTOP)
+            try:
+                assert cut_off(big) >= 1
+            finally:
+                os.kill(child.pid, signal.SIGCONT)
+            stdout, stderr = child.communicate(timeout=60)
+        finally:
+            child.kill()
+
+    assert child.returncode == 3, stderr
+    message = stderr.decode()
+    assert message.startswith("dingtalk-etl: error: database error while reading changes: ")
+    assert LOST[big.kind] in message
+    assert message.count("\n") == 1  # one line, no traceback
+    assert stdout == b""
+    assert target.read_text(encoding="utf-8") == "the previous report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["changes.csv"]
+
+
+@pytest.mark.parametrize("big", SERVERS, indirect=True)
+def test_a_report_on_stdout_starts_at_once_and_a_lost_database_ends_it_with_exit_3(
+    big: Big,
+) -> None:
+    with subprocess.Popen(
+        command(big, "report", "changes", "--format", "csv"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    ) as child:
+        try:
+            assert child.stdout is not None
+            # The first rows arrive while the child, its pipe full, waits for this reader.
+            first = child.stdout.read(64 * 1024)
+            assert first.startswith(b"occurred_at,observed_at,chatid,chat_name,change,")
+            assert cut_off(big) >= 1
+            rest, stderr = child.communicate(timeout=60)
+        finally:
+            child.kill()
+
+    assert child.returncode == 3, stderr
+    message = stderr.decode()
+    assert message.startswith("dingtalk-etl: error: database error while reading changes: ")
+    assert LOST[big.kind] in message
+    assert message.count("\n") == 1  # one line, no traceback
+    written = (first + rest).decode().count("\r\n") - 1
+    assert 0 < written < big.history.changes
+
+
+@pytest.mark.parametrize("big", ["sqlite"], indirect=True)
+def test_a_reader_that_stops_early_ends_the_report_without_a_traceback(big: Big) -> None:
+    with subprocess.Popen(
+        command(big, "report", "changes", "--format", "csv"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    ) as child:
+        assert child.stdout is not None
+        assert child.stderr is not None
+        assert child.stdout.read(100).startswith(b"occurred_at,")
+        child.stdout.close()  # as `| head` does
+        stderr = child.stderr.read()
+        child.wait(timeout=60)
+
+    assert child.returncode == 3
+    assert stderr.decode() == (
+        "dingtalk-etl: error: stdout was closed before the report was written whole\n"
+    )
