@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -76,6 +77,7 @@ def _check_chatids(
 
 class _Ctx:
     def __init__(self, config_option: str | None) -> None:
+        self.config_option = config_option
         self.config_path = resolve_config_path(config_option)
 
     def load(self, *, need_api: bool) -> Config:
@@ -865,7 +867,9 @@ def report_changes(
             "tz": tz,
         }
         if fmt == "html":
-            yield render_audit(_with_chart_hint(reports.audit(engine, **selection)))
+            audit = reports.audit(engine, **selection)
+            command = _export_command(obj, since, until, chats, userid, operator)
+            yield render_audit(_with_chart_hint(audit), command)
             return
         with reports.changes_stream(engine, counted=fmt == "table", **selection) as found:
             yield from render_chunks(found, fmt)
@@ -873,11 +877,39 @@ def report_changes(
     _report(obj, fmt, output, build)
 
 
+def _export_command(
+    obj: _Ctx,
+    since: reports.Timestamp | None,
+    until: reports.Timestamp | None,
+    chats: tuple[str, ...],
+    userid: str | None,
+    operator: str | None,
+) -> str:
+    """The command that writes every change of this audit as CSV, for a summarised audit."""
+    args = ["dingtalk-etl"]
+    if obj.config_option is not None:
+        args += ["--config", obj.config_option]
+    args += ["report", "changes"]
+    for option, value in (("--since", since), ("--until", until)):
+        if value is not None:
+            args += [option, value.text]
+    for chat in chats:
+        args += ["--chat", chat]
+    for option, someone in (("--user", userid), ("--operator", operator)):
+        if someone is not None:
+            args += [option, someone]
+    return shlex.join([*args, "--format", "csv", "--output", "changes.csv"])
+
+
 def _with_chart_hint(audit: reports.AuditReport) -> reports.AuditReport:
     """The audit, with a first note on how to chart the chats beyond its limit."""
     if not audit.uncharted:
         return audit
-    hint = f"charts for the first {reports.MAX_CHARTS} chats only; select chats with --chat"
+    if audit.summarised:
+        charted = f"the {len(audit.series)} chats with the most changes"
+    else:
+        charted = f"the first {reports.MAX_CHARTS} chats"
+    hint = f"charts for {charted} only; select chats with --chat"
     return replace(audit, notes=[hint, *audit.notes])
 
 

@@ -7,7 +7,9 @@ piece of data in it is escaped, so that a userid or a chat name such as ``<scrip
 as text.
 
 ``render_chunks`` yields the table, CSV and JSON of a report as its rows come (a
-``ReportStream`` is read once, row by row); ``render`` is the same text joined.
+``ReportStream`` is read once, row by row); ``render`` is the same text joined. An audit
+above ``etl.reports.AUDIT_LIST_LIMIT`` changes is rendered as its summary, with the command
+that exports every change if the caller gives one.
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ NUMERIC: Final = frozenset(
         "failures_since_ok",
         "latest_error_run_id",
         "latest_errcode",
+        "changes",
     }
 )
 
@@ -242,8 +245,13 @@ def render_html(report: Report) -> str:
     return _page(report.title, _meta(f"Times in {report.timezone}"), sections)
 
 
-def render_audit(audit: AuditReport) -> str:
-    """The audit file: chat summary, membership charts, changes in the window, notes."""
+def render_audit(audit: AuditReport, export_command: str | None = None) -> str:
+    """The audit file: chat summary, membership charts, changes in the window, notes.
+
+    A ``summarised`` audit adds the chats with the most changes and the changes per day, and
+    says how many changes it does not list; ``export_command``, if given, is the command
+    that writes them all (shown as given, escaped).
+    """
     generated = audit.generated_at.strftime("%Y-%m-%d %H:%M:%S")
     subtitle = _meta(
         f"Changes {audit.window}",
@@ -252,15 +260,54 @@ def render_audit(audit: AuditReport) -> str:
     )
     changes, summary = audit.changes, audit.summary
     no_chats = "No chat changed in this window."
+    more = _more_changes(audit, export_command) if audit.summarised else ""
     sections = [
         f'<section id="summary"><h2>{esc(summary.title)}</h2>'
         f"{html_table(summary.rows, summary.columns, no_chats)}</section>",
         _charts(audit.series),
-        f'<section id="changes"><h2>{esc(changes.title)}</h2>'
+        f'<section id="changes"><h2>{esc(changes.title)}</h2>{more}'
         f"{html_table(changes.rows, changes.columns, 'No changes in this window.')}</section>",
         _notes(audit.notes),
     ]
+    if audit.summarised:
+        sections[1:1] = [
+            _report_section("top-chats", audit.top),
+            _report_section("days", audit.days),
+        ]
+        sections.insert(0, _overview(audit, more))
     return _page(audit.title, subtitle, sections)
+
+
+def _overview(audit: AuditReport, more: str) -> str:
+    top = audit.top.rows if audit.top is not None else []
+    text = (
+        f"{audit.total_changes:,} changes in this window, more than a page can list: this "
+        f"file counts them per chat ({len(audit.summary.rows):,} chats), shows the "
+        f"{len(top)} chats with the most changes and their member count, counts the changes "
+        f"per day, and lists the first {len(audit.changes.rows):,}."
+    )
+    return f'<section id="overview"><p>{esc(text)}</p>{more}</section>'
+
+
+def _more_changes(audit: AuditReport, export_command: str | None) -> str:
+    listed = len(audit.changes.rows)
+    more = audit.total_changes - listed
+    text = (
+        f"Listed: the first {listed:,} of {audit.total_changes:,} changes, in the order they "
+        f"occurred; {more:,} more {'is' if more == 1 else 'are'} not listed here."
+    )
+    if export_command is None:
+        return f'<p class="more">{esc(text)}</p>'
+    return f'<p class="more">{esc(text)} All of them as CSV: <code>{esc(export_command)}</code></p>'
+
+
+def _report_section(anchor: str, report: Report | None) -> str:
+    if report is None:
+        return ""
+    return (
+        f'<section id="{anchor}"><h2>{esc(report.title)}</h2>'
+        f"{html_table(report.rows, report.columns, 'None.')}</section>"
+    )
 
 
 # -- SVG ----------------------------------------------------------------------------------------

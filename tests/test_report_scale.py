@@ -1,24 +1,35 @@
 """Reports on a large history (tests/history.py: 46,080 changes of 200 chats over 24 days), on
 each database: `report changes` streams its rows with memory that does not grow with their
-number, and fails cleanly when the database goes away mid-stream."""
+number, fails cleanly when the database goes away mid-stream, and as HTML summarises instead
+of listing every change."""
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
+import html
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
+from etl import reports
+from etl.cli import cli
+from etl.db import create_db_engine
 from tests.conftest import DATABASES
 from tests.helpers import ADMIN_URLS, clean_env, fresh_database, migrated, wait_for
-from tests.history import History, build_history
+from tests.history import BUSY_FACTOR, History, build_history, chatid
+from tests.test_report_html import console_messages, figures, headless
 
 HISTORY = {"chats": 200, "days": 25, "per_day": 8, "busy": 20}
 # Runs are at 18:15 UTC: day N's run is on 2026-01-(N+1) in UTC.
@@ -28,6 +39,7 @@ LARGE = ("--since", "2026-01-02")  # days 1-24: 46,080 changes, 8 times as many
 # first, as `report changes` did before it streamed, costs about 1.4 KB per row: some 55 MB
 # more for the large window (measured on this history: +72 MB for 52,000 more rows).
 GROWTH_MB = 10
+HTML_MAX_BYTES = 5_000_000
 
 
 @dataclass(frozen=True)
@@ -96,10 +108,13 @@ def rows_written(path: Path, fmt: str) -> int:
             lines = handle.read().splitlines()
             rule = next(i for i, line in enumerate(lines) if line.startswith("----"))
             return sum(1 for line in lines[rule + 1 :] if not line.startswith("note: "))
-    raise ValueError(fmt)
+    page = path.read_text(encoding="utf-8")
+    found = re.search(r"([\d,]+) changes in this window", page)
+    assert found is not None
+    return int(found[1].replace(",", ""))
 
 
-@pytest.mark.parametrize("fmt", ["csv", "json", "table"])
+@pytest.mark.parametrize("fmt", ["csv", "json", "table", "html"])
 def test_memory_does_not_grow_with_the_rows_of_a_report(big: Big, fmt: str, tmp_path: Path) -> None:
     """Streaming, shown by memory: the same command on the same database, for a window with
     8 times as many changes, must not take more than ``GROWTH_MB`` more peak memory.
@@ -107,7 +122,9 @@ def test_memory_does_not_grow_with_the_rows_of_a_report(big: Big, fmt: str, tmp_
     Measured on the real command in a child process (peak RSS from ``wait4``), so that the
     driver's buffers count too (a driver that buffered the whole result would show here, and
     tracemalloc does not see memory allocated by C code such as psycopg's). Both windows read
-    the same database, so they differ only in the rows written.
+    the same database, so they differ only in the rows written. The HTML audit of either
+    window is a summary (both hold more than ``AUDIT_LIST_LIMIT`` changes): its memory does
+    not grow either.
     """
     few = run_measured(
         big, "report", "changes", *SMALL, "--format", fmt, "--output", f"few.{fmt}", cwd=tmp_path
@@ -121,6 +138,8 @@ def test_memory_does_not_grow_with_the_rows_of_a_report(big: Big, fmt: str, tmp_
     assert rows_written(tmp_path / f"many.{fmt}", fmt) == big.history.changes
     growth = many.peak_mb - few.peak_mb
     assert growth < GROWTH_MB, f"{few.peak_mb:.1f} MB -> {many.peak_mb:.1f} MB"
+    if fmt == "html":
+        assert (tmp_path / "many.html").stat().st_size < HTML_MAX_BYTES
 
 
 # -- a database lost mid-stream ------------------------------------------------------------------
@@ -260,3 +279,162 @@ def test_a_reader_that_stops_early_ends_the_report_without_a_traceback(big: Big)
     assert stderr.decode() == (
         "dingtalk-etl: error: stdout was closed before the report was written whole\n"
     )
+
+
+# -- the HTML audit above its limit ----------------------------------------------------------------
+
+
+def section(page: str, anchor: str) -> str:
+    return page.split(f'<section id="{anchor}">', 1)[1].split("</section>", 1)[0]
+
+
+def body_rows(part: str) -> list[str]:
+    """The rows of a table, without its header row."""
+    return re.findall(r"<tr[^>]*>(<td.*?)</tr>", part)
+
+
+def cells(row: str) -> list[str]:
+    return [
+        html.unescape(re.sub(r"<[^>]+>", "", c)) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)
+    ]
+
+
+@pytest.fixture(scope="module")
+def audit_page(big: Big, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Run]:
+    """`report changes --format html` of 23 days (44,160 changes), and its run."""
+    folder = tmp_path_factory.mktemp(f"audit-{big.kind}")
+    run = run_measured(
+        big,
+        "report",
+        "changes",
+        "--since",
+        "2026-01-02",
+        "--until",
+        "2026-01-24",
+        "--format",
+        "html",
+        "--output",
+        "audit.html",
+        cwd=folder,
+    )
+    assert run.code == 0, run.stderr
+    return folder / "audit.html", run
+
+
+def test_a_large_audit_summarises_and_says_how_to_export_the_rest(
+    big: Big, audit_page: tuple[Path, Run], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, run = audit_page
+    page = path.read_text(encoding="utf-8")
+    history, limit = big.history, reports.AUDIT_LIST_LIMIT
+    total = history.changes_between(1, 23)
+
+    assert re.findall(r'<section id="([\w-]+)">', page) == [
+        "overview",
+        "summary",
+        "top-chats",
+        "days",
+        "charts",
+        "changes",
+        "notes",
+    ]
+    assert path.stat().st_size < HTML_MAX_BYTES
+    assert run.peak_mb < 200
+    export = shlex.join(
+        [
+            "dingtalk-etl",
+            "--config",
+            str(big.config),
+            "report",
+            "changes",
+            "--since",
+            "2026-01-02",
+            "--until",
+            "2026-01-24",
+            "--format",
+            "csv",
+            "--output",
+            "changes.csv",
+        ]
+    )
+    more = (
+        f"Listed: the first {limit:,} of {total:,} changes, in the order they occurred; "
+        f"{total - limit:,} more are not listed here. All of them as CSV: "
+        f"<code>{html.escape(export)}</code>"
+    )
+    assert more in section(page, "changes")
+    assert more in section(page, "overview")
+    listed = re.findall(r'<tr class="change-\w+">(.*?)</tr>', section(page, "changes"))
+    assert len(listed) == limit
+
+    # The chats that changed most (the busy ones, ties by chatid) are the ones charted.
+    busy = [chatid(n) for n in range(HISTORY["chats"]) if history.is_busy(n)]
+    top = [cells(row) for row in body_rows(section(page, "top-chats"))]
+    assert [row[0] for row in top] == busy[: reports.TOP_CHATS]
+    assert {row[-1] for row in top} == {str(23 * HISTORY["per_day"] * BUSY_FACTOR)}
+    assert list(figures(page)) == busy[: reports.TOP_CHATS]
+    hint = "charts for the 10 chats with the most changes only; select chats with --chat"
+    assert f'<ul class="notes"><li>{hint}</li>' in page
+    summary = body_rows(section(page, "summary"))
+    assert len(summary) == HISTORY["chats"]
+    days = [cells(row) for row in body_rows(section(page, "days"))]
+    assert [row[0] for row in days] == [f"2026-01-{d:02d}" for d in range(2, 25)]
+    assert {row[-1] for row in days} == {str(history.daily)}
+
+    # The command shown exports every change, the listed ones first.
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, shlex.split(export)[1:], env=clean_env())
+    assert result.exit_code == 0, result.output
+    with (tmp_path / "changes.csv").open(encoding="utf-8", newline="") as handle:
+        exported = list(csv.DictReader(handle))
+    assert len(exported) == total
+    assert [(c[2], c[4], c[5]) for c in map(cells, listed)] == [
+        (row["chatid"], row["change"], row["userid"]) for row in exported[:limit]
+    ]
+
+
+@pytest.mark.parametrize("big", ["sqlite"], indirect=True)
+def test_chromium_renders_the_summary_of_a_large_audit(audit_page: tuple[Path, Run]) -> None:
+    dom, log = headless(audit_page[0])
+
+    assert console_messages(log) == []
+    assert '<section id="top-chats">' in dom
+    assert dom.count("<figure>") == reports.TOP_CHATS
+    assert "<script" not in dom
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Asia/Kathmandu", "America/Los_Angeles"])
+def test_changes_per_day_are_days_of_the_report_time_zone(big: Big, zone: str) -> None:
+    """Counted by the database in quarter hours, added up to days of the zone: the runs, at
+    18:15 UTC, are at midnight in Kathmandu (UTC+05:45), on the next day there."""
+    tz = ZoneInfo(zone)
+    history = big.history
+    engine = create_db_engine(history.url)
+    try:
+        audit = reports.audit(engine, since=None, until=None, tz=tz)
+    finally:
+        engine.dispose()
+
+    per_chat = [
+        history.per_day * (BUSY_FACTOR if history.is_busy(n) else 1) for n in range(history.chats)
+    ]
+    renames = sum(count // 10 for count in per_chat)  # every tenth change of a chat
+    expected = []
+    for day in range(1, history.days):
+        moves = history.daily - renames
+        joins, leaves = (moves, 0) if day % 2 else (0, moves)
+        local = history.at(day).astimezone(tz).date()
+        expected.append(
+            {
+                "day": local,
+                "joins": joins,
+                "leaves": leaves,
+                "other_changes": renames,
+                "changes": history.daily,
+            }
+        )
+    assert audit.summarised
+    assert audit.days is not None
+    assert audit.days.rows == expected
+    if zone == "Asia/Kathmandu":
+        assert expected[0]["day"] == dt.date(2026, 1, 3)  # 2026-01-02 18:15 UTC
