@@ -1,5 +1,5 @@
-"""A large history, written straight into a migrated database by bulk inserts: what years of
-syncs of many chats leave in the tables, in seconds instead of hours of simulated syncs.
+"""A large history, written straight into a migrated database by bulk inserts: what weeks of
+daily syncs of many chats leave in the tables, in seconds instead of simulated syncs.
 
 One sync run per day reads every chat. At the first, each chat is discovered with a baseline
 of ``BASELINE`` members; on every later day, each chat changes ``per_day`` times (the last
