@@ -39,6 +39,8 @@ LARGE = ("--since", "2026-01-02")  # days 1-24: 46,080 changes, 8 times as many
 # first, as `report changes` did before it streamed, costs about 1.4 KB per row: some 55 MB
 # more for the large window (measured on this history: +72 MB for 52,000 more rows).
 GROWTH_MB = 10
+# The issue's bounds for a month of 360,000 changes, which this smaller history must meet too.
+PEAK_MB = {"csv": 150, "json": 150, "table": 150, "html": 200}
 HTML_MAX_BYTES = 5_000_000
 
 
@@ -76,23 +78,33 @@ def command(big: Big, *args: str) -> list[str]:
     return [sys.executable, "-m", "etl", "--config", str(big.config), *args]
 
 
+# Starts the command given as its arguments and prints the exit code and peak RSS (KB) of
+# that command only. The peak RSS of a process counts what it held before exec, and a
+# child forked from this test process starts as big as it: a small launcher forks instead.
+LAUNCHER = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+child.returncode = os.waitstatus_to_exitcode(status)
+print(child.returncode, usage.ru_maxrss)
+"""
+
+
 def run_measured(big: Big, *args: str, cwd: Path) -> Run:
-    """Run the command line in a child and return its peak resident memory (``wait4`` reports
-    that child's own, not the largest of every child this test process ever had)."""
+    """Run the command line in a child and return its exit code, stderr and peak memory."""
     errors = cwd / "stderr.txt"
-    with (
-        errors.open("wb") as stderr,
-        subprocess.Popen(
-            command(big, *args),
-            stdout=subprocess.DEVNULL,
+    with errors.open("wb") as stderr:
+        launched = subprocess.run(
+            [sys.executable, "-c", LAUNCHER, *command(big, *args)],
+            stdout=subprocess.PIPE,
             stderr=stderr,
             env=clean_env(),
             cwd=cwd,
-        ) as child,
-    ):
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-    return Run(child.returncode, errors.read_text(encoding="utf-8"), usage.ru_maxrss / 1024)
+            check=True,
+            timeout=110,
+        )
+    code, peak_kb = launched.stdout.split()[-2:]
+    return Run(int(code), errors.read_text(encoding="utf-8"), int(peak_kb) / 1024)
 
 
 def rows_written(path: Path, fmt: str) -> int:
@@ -119,12 +131,12 @@ def test_memory_does_not_grow_with_the_rows_of_a_report(big: Big, fmt: str, tmp_
     """Streaming, shown by memory: the same command on the same database, for a window with
     8 times as many changes, must not take more than ``GROWTH_MB`` more peak memory.
 
-    Measured on the real command in a child process (peak RSS from ``wait4``), so that the
-    driver's buffers count too (a driver that buffered the whole result would show here, and
-    tracemalloc does not see memory allocated by C code such as psycopg's). Both windows read
-    the same database, so they differ only in the rows written. The HTML audit of either
-    window is a summary (both hold more than ``AUDIT_LIST_LIMIT`` changes): its memory does
-    not grow either.
+    Measured on the real command in a child process (peak RSS from ``wait4``, see
+    ``LAUNCHER``), so that the driver's buffers count too (a driver that buffered the whole
+    result would show here, and tracemalloc does not see memory allocated by C code such as
+    psycopg's). Both windows read the same database, so they differ only in the rows written.
+    The HTML audit of either window is a summary (both hold more than ``AUDIT_LIST_LIMIT``
+    changes): its memory does not grow either.
     """
     few = run_measured(
         big, "report", "changes", *SMALL, "--format", fmt, "--output", f"few.{fmt}", cwd=tmp_path
@@ -138,6 +150,7 @@ def test_memory_does_not_grow_with_the_rows_of_a_report(big: Big, fmt: str, tmp_
     assert rows_written(tmp_path / f"many.{fmt}", fmt) == big.history.changes
     growth = many.peak_mb - few.peak_mb
     assert growth < GROWTH_MB, f"{few.peak_mb:.1f} MB -> {many.peak_mb:.1f} MB"
+    assert many.peak_mb < PEAK_MB[fmt]
     if fmt == "html":
         assert (tmp_path / "many.html").stat().st_size < HTML_MAX_BYTES
 
@@ -178,9 +191,11 @@ def cut_off(big: Big) -> int:
         admin.dispose()
 
 
+# How each driver words a session ended by the server (PostgreSQL's notice may or may not
+# arrive before the socket closes).
 LOST = {
-    "postgresql": "terminating connection due to administrator command",
-    "mariadb": "Lost connection to MySQL server during query",
+    "postgresql": ("terminating connection", "server closed the connection"),
+    "mariadb": ("Lost connection to MySQL server during query",),
 }
 
 
@@ -224,7 +239,7 @@ def test_a_database_lost_mid_stream_leaves_the_output_file_as_it_was(
     assert child.returncode == 3, stderr
     message = stderr.decode()
     assert message.startswith("dingtalk-etl: error: database error while reading changes: ")
-    assert LOST[big.kind] in message
+    assert any(reason in message for reason in LOST[big.kind]), message
     assert message.count("\n") == 1  # one line, no traceback
     assert stdout == b""
     assert target.read_text(encoding="utf-8") == "the previous report\n"
@@ -254,7 +269,7 @@ def test_a_report_on_stdout_starts_at_once_and_a_lost_database_ends_it_with_exit
     assert child.returncode == 3, stderr
     message = stderr.decode()
     assert message.startswith("dingtalk-etl: error: database error while reading changes: ")
-    assert LOST[big.kind] in message
+    assert any(reason in message for reason in LOST[big.kind]), message
     assert message.count("\n") == 1  # one line, no traceback
     written = (first + rest).decode().count("\r\n") - 1
     assert 0 < written < big.history.changes
