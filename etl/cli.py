@@ -9,12 +9,15 @@ import datetime as dt
 import importlib.util
 import json
 import math
+import os
+import shlex
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import replace
+from itertools import chain
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -24,15 +27,15 @@ import click
 
 from etl import __version__
 from etl.errors import EtlError, ExitCode
+from etl.output import blocks, write_chunks_atomic
 
 # Each command imports what it needs when it runs: `--help`, `--version` and `status` must
 # not pay for Alembic, the simulator, the reports and every SQLAlchemy dialect.
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from etl import reports
+    from etl import report_html, reports
     from etl.config import Config
-    from etl.reports import AuditReport, Report
     from etl.simulator import Simulator, StreamGateway, World
 
 
@@ -52,6 +55,7 @@ def _lazy_module(name: str) -> ModuleType:
 
 if not TYPE_CHECKING:
     reports = _lazy_module("etl.reports")
+    report_html = _lazy_module("etl.report_html")
 
 # etl.report_html.FORMATS, named here so that building the options imports no report code (a
 # test keeps the two equal).
@@ -672,18 +676,6 @@ def demo(database: Path) -> None:
 # -- reports ----------------------------------------------------------------------------------
 
 
-def render(report: Report, fmt: str) -> str:
-    from etl.report_html import render as render_report
-
-    return render_report(report, fmt)
-
-
-def render_audit(audit: AuditReport) -> str:
-    from etl.report_html import render_audit as render_page
-
-    return render_page(audit)
-
-
 TIME_HELP = (
     "ISO 8601: 2026-06-30, 2026-06 (a month), 2026-06-30T18:00, 2026-06-30T10:00:00Z, "
     "2026-06-30T18:00+08:00; without an offset read in [report] timezone."
@@ -732,26 +724,62 @@ def _report_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _report(
-    obj: _Ctx, fmt: str, output: Path | None, build: Callable[[Engine, ZoneInfo], str]
+    obj: _Ctx, fmt: str, output: Path | None, build: Callable[[Engine, ZoneInfo], Iterable[str]]
 ) -> None:
-    """Load the [database] and [report] settings, check the schema, build, print or write."""
+    """Load the [database] and [report] settings, check the schema, build, print or write.
+
+    ``build`` gives the text in pieces, written as they come: a streamed report reads its
+    rows while they are written, so the database stays open until the last piece.
+    """
     from etl.db import open_database, require_schema
-    from etl.output import write_text_atomic
 
     with _errors():
         config = obj.load(need_api=False)
         tz = ZoneInfo(config.report.timezone)
         with open_database(config) as engine:
             require_schema(engine, "reading the database")
-            text = build(engine, tz)
-    if output is None:
-        click.echo(text, nl=False)
-        return
+            with closing(_pieces(build(engine, tz))) as pieces:
+                # A report that fails before its first piece (an unknown chat) leaves stdout
+                # empty and FILE untouched, as it did when reports were built whole.
+                first = next(pieces, "")
+                text = blocks(chain([first], pieces))
+                if output is None:
+                    _print(text)
+                else:
+                    _write(output, text)
+    if output is not None:
+        click.echo(f"wrote {output}", err=True)
+
+
+def _pieces(chunks: Iterable[str]) -> Generator[str, None, None]:
+    # A generator, so that closing it closes a report's stream (and its cursor) in time.
+    yield from chunks
+
+
+def _print(text: Iterable[str]) -> None:
     try:
-        write_text_atomic(output, text)
+        for block in text:
+            click.echo(block, nl=False)
+    except BrokenPipeError:
+        # The reader went away (`| head`): no traceback, and no second error when Python
+        # flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _fail("stdout was closed before the report was written whole", ExitCode.FAILED)
+
+
+def _write(output: Path, text: Iterable[str]) -> None:
+    try:
+        write_chunks_atomic(output, text)
     except OSError as exc:
         _fail(f"cannot write {output}: {exc.strerror or exc}", ExitCode.FAILED)
-    click.echo(f"wrote {output}", err=True)
+
+
+def _rendered(report: reports.Report, fmt: str) -> Iterable[str]:
+    return (
+        [report_html.render_html(report)]
+        if fmt == "html"
+        else report_html.render_chunks(report, fmt)
+    )
 
 
 @cli.group(context_settings=CONTEXT)
@@ -820,10 +848,10 @@ def report_members(
       dingtalk-etl report members --chat chat-finance --as-of 2026-06-30T18:00+08:00 --format csv
     """
 
-    def build(engine: Engine, tz: ZoneInfo) -> str:
+    def build(engine: Engine, tz: ZoneInfo) -> Iterable[str]:
         at = _instant(as_of, tz, end=True, option="--as-of")
         result = reports.members(engine, chat, as_of=at, tz=tz, with_series=fmt == "html")
-        return render(result, fmt)
+        return _rendered(result, fmt)
 
     _report(obj, fmt, output, build)
 
@@ -880,41 +908,63 @@ def report_changes(
       dingtalk-etl report changes --since 2026-06 --format html --output audit-june.html
     """
 
-    def build(engine: Engine, tz: ZoneInfo) -> str:
+    def build(engine: Engine, tz: ZoneInfo) -> Iterator[str]:
         start = _instant(since, tz, end=False, option="--since")
         end = _instant(until, tz, end=True, option="--until")
         if start is not None and end is not None and start > end:
             raise click.UsageError("--since is after --until")
+        selection: dict[str, Any] = {
+            "since": start,
+            "until": end,
+            "chats_filter": chats,
+            "userid": userid,
+            "operator": operator,
+            "tz": tz,
+        }
         if fmt == "html":
-            audit = reports.audit(
-                engine,
-                since=start,
-                until=end,
-                chats_filter=chats,
-                userid=userid,
-                operator=operator,
-                tz=tz,
-            )
-            return render_audit(_with_chart_hint(audit))
-        result = reports.changes(
-            engine,
-            since=start,
-            until=end,
-            chats_filter=chats,
-            userid=userid,
-            operator=operator,
-            tz=tz,
-        )
-        return render(result, fmt)
+            audit = reports.audit(engine, **selection)
+            command = _export_command(obj, since, until, chats, userid, operator)
+            yield report_html.render_audit(_with_chart_hint(audit), command)
+            return
+        with reports.changes_stream(engine, counted=fmt == "table", **selection) as found:
+            yield from report_html.render_chunks(found, fmt)
 
     _report(obj, fmt, output, build)
+
+
+def _export_command(
+    obj: _Ctx,
+    since: reports.Timestamp | None,
+    until: reports.Timestamp | None,
+    chats: tuple[str, ...],
+    userid: str | None,
+    operator: str | None,
+) -> str:
+    """The command that writes every change of this audit as CSV, for a summarised audit."""
+    args = ["dingtalk-etl"]
+    if obj.config_option is not None:
+        args += ["--config", obj.config_option]
+    args += ["report", "changes"]
+    for option, value in (("--since", since), ("--until", until)):
+        if value is not None:
+            args += [option, value.text]
+    for chat in chats:
+        args += ["--chat", chat]
+    for option, someone in (("--user", userid), ("--operator", operator)):
+        if someone is not None:
+            args += [option, someone]
+    return shlex.join([*args, "--format", "csv", "--output", "changes.csv"])
 
 
 def _with_chart_hint(audit: reports.AuditReport) -> reports.AuditReport:
     """The audit, with a first note on how to chart the chats beyond its limit."""
     if not audit.uncharted:
         return audit
-    hint = f"charts for the first {reports.MAX_CHARTS} chats only; select chats with --chat"
+    if audit.summarised:
+        charted = f"the {len(audit.series)} chats with the most changes"
+    else:
+        charted = f"the first {reports.MAX_CHARTS} chats"
+    hint = f"charts for {charted} only; select chats with --chat"
     return replace(audit, notes=[hint, *audit.notes])
 
 
@@ -930,7 +980,9 @@ def report_user(obj: _Ctx, userid: str, fmt: str, output: Path | None) -> None:
       dingtalk-etl report user --userid user0042
       dingtalk-etl report user --userid user0042 --format csv --output user0042.csv
     """
-    _report(obj, fmt, output, lambda engine, tz: render(reports.user(engine, userid, tz=tz), fmt))
+    _report(
+        obj, fmt, output, lambda engine, tz: _rendered(reports.user(engine, userid, tz=tz), fmt)
+    )
 
 
 @report.command("chats", context_settings=CONTEXT)
@@ -958,8 +1010,8 @@ def report_chats(obj: _Ctx, status: str | None, risky: bool, fmt: str, output: P
       dingtalk-etl report chats --risky --status normal --format csv
     """
 
-    def build(engine: Engine, tz: ZoneInfo) -> str:
-        return render(reports.chat_list(engine, status=status, risky=risky, tz=tz), fmt)
+    def build(engine: Engine, tz: ZoneInfo) -> Iterable[str]:
+        return _rendered(reports.chat_list(engine, status=status, risky=risky, tz=tz), fmt)
 
     _report(obj, fmt, output, build)
 
@@ -975,7 +1027,7 @@ def report_sync_health(obj: _Ctx, fmt: str, output: Path | None) -> None:
       dingtalk-etl report sync-health
       dingtalk-etl report sync-health --format json
     """
-    _report(obj, fmt, output, lambda engine, tz: render(reports.sync_health(engine, tz=tz), fmt))
+    _report(obj, fmt, output, lambda engine, tz: _rendered(reports.sync_health(engine, tz=tz), fmt))
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from etl.errors import DatabaseFailure
@@ -51,6 +51,8 @@ def create_db_engine(
     if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
+    if backend in {"mysql", "mariadb"}:
+        event.listen(engine, "handle_error", _end_lost_stream)
     return engine
 
 
@@ -85,6 +87,18 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # comes only before the first write, so a transaction's reads could see an older state
     # than its writes replace.
     dbapi_conn.isolation_level = None
+
+
+def _end_lost_stream(context: ExceptionContext) -> None:
+    """A streamed result (PyMySQL's unbuffered ``SSCursor``) whose connection was lost stays
+    "active" in PyMySQL (PyMySQL#810): closing it then reads the closed socket and prints
+    tracebacks over the error message. The server sends nothing more: mark it finished."""
+    if not context.is_disconnect:
+        return
+    cursor = getattr(context.execution_context, "cursor", None)
+    result = getattr(cursor, "_result", None)
+    if getattr(result, "unbuffered_active", False):
+        result.unbuffered_active = False  # type: ignore[union-attr]
 
 
 def _sqlite_begin(conn: Connection) -> None:

@@ -1,8 +1,12 @@
 """Rendering rows for people and programs: aligned text tables, JSON and CSV.
 
-Pure functions over lists of dicts, plus ``write_text_atomic`` (the one I/O helper, for
-``--output FILE`` and the metrics file). Datetimes render as ISO 8601 with their offset (UTC
-unless a report converted them).
+Pure functions over rows (mappings), plus the atomic file helpers ``write_text_atomic`` and
+``write_chunks_atomic`` (the only I/O here, for ``--output FILE`` and the metrics file).
+Datetimes render as ISO 8601 with their offset (UTC unless a report converted them).
+
+Each format has a streaming form (``table_lines``, ``csv_lines``, ``json_array``) that takes
+any iterable of rows and yields text as the rows come, holding at most ``TABLE_SAMPLE_ROWS``
+rows at a time; ``to_table`` and ``to_csv`` are the same text joined.
 """
 
 from __future__ import annotations
@@ -13,13 +17,22 @@ import io
 import json
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+
+# A streamed table takes its column widths from this many first rows; later rows are cut or
+# padded to them, so that the table starts before the last row is read.
+TABLE_SAMPLE_ROWS: Final = 1000
+# Streamed text is handed to the output in blocks of about this many characters.
+BLOCK_CHARS: Final = 64 * 1024
 
 
 def plain(value: Any) -> Any:
     """A JSON-friendly form of a database value."""
+    if value is None or type(value) is str:  # most cells of a long report: no isinstance chain
+        return value
     if isinstance(value, dt.datetime):
         return value.isoformat()
     if isinstance(value, dt.date):
@@ -30,7 +43,9 @@ def plain(value: Any) -> Any:
 def cell(value: Any, width: int = 40) -> str:
     if value is None:
         return ""
-    if isinstance(value, dt.datetime):
+    if type(value) is str:  # most cells of a long report: no isinstance chain
+        text = value
+    elif isinstance(value, dt.datetime):
         text = value.strftime("%Y-%m-%d %H:%M:%S")
     elif isinstance(value, bool):
         text = "yes" if value else "no"
@@ -48,24 +63,47 @@ def to_table(
     """Left-aligned columns separated by two spaces, with a header and a rule."""
     if columns is None:
         columns = list(rows[0].keys()) if rows else []
+    return "\n".join(table_lines(rows, columns, width))
+
+
+def table_lines(
+    rows: Iterable[Mapping[Any, Any]],
+    columns: Sequence[str],
+    width: int = 40,
+    sample: int = TABLE_SAMPLE_ROWS,
+) -> Iterator[str]:
+    """``to_table``'s lines (without line ends), as the rows come.
+
+    The widths are those of the first ``sample`` rows (each cell at most ``width``); a later
+    cell that is wider is cut to its column's width with "…". Up to ``sample`` rows, the
+    text is exactly ``to_table``'s.
+    """
     if not columns:
-        return "(no rows)"
-    body = [[cell(row.get(c), width) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(line[i]) for line in body]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend(
-        "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in body
-    )
-    if not rows:
-        lines.append("(no rows)")
-    return "\n".join(lines)
+        yield "(no rows)"
+        return
+    remaining = iter(rows)
+    first = [[cell(row.get(c), width) for c in columns] for row in islice(remaining, sample)]
+    widths = [max([len(c)] + [len(line[i]) for line in first]) for i, c in enumerate(columns)]
+    yield "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()
+    yield "  ".join("-" * w for w in widths)
+    for line in first:
+        yield "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip()
+    if not first:
+        yield "(no rows)"
+        return
+    del first
+    limits = [min(width, w) for w in widths]
+    for row in remaining:
+        cells = (cell(row.get(c), limit) for c, limit in zip(columns, limits, strict=True))
+        yield "  ".join(v.ljust(w) for v, w in zip(cells, widths, strict=True)).rstrip()
 
 
 def csv_value(value: Any) -> str:
     """One CSV field: ISO 8601 times, ``true``/``false``, lists joined with ``"; "``."""
     if value is None:
         return ""
+    if type(value) is str:  # most cells of a long report: no isinstance chain
+        return value
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list | tuple):
@@ -75,14 +113,81 @@ def csv_value(value: Any) -> str:
     return str(plain(value))
 
 
-def to_csv(rows: Sequence[Mapping[Any, Any]], columns: Sequence[str]) -> str:
+def to_csv(rows: Iterable[Mapping[Any, Any]], columns: Sequence[str]) -> str:
     """RFC 4180 CSV with a header row (``\r\n`` line ends, fields quoted when needed)."""
+    return "".join(csv_lines(rows, columns))
+
+
+def csv_lines(rows: Iterable[Mapping[Any, Any]], columns: Sequence[str]) -> Iterator[str]:
+    """``to_csv``'s records one by one, the header first, each with its line end."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(columns)
+    yield buffer.getvalue()
     for row in rows:
+        buffer.seek(0)
+        buffer.truncate()
         writer.writerow([csv_value(row.get(c)) for c in columns])
-    return buffer.getvalue()
+        yield buffer.getvalue()
+
+
+def json_array(rows: Iterable[Mapping[Any, Any]], columns: Sequence[str]) -> Iterator[str]:
+    """One JSON array of row objects keyed by ``columns``, as the rows come: the text of
+    ``json.dumps(list_of_rows, indent=2, ensure_ascii=False)`` and a final newline.
+
+    Each object is written key by key: ``indent`` turns ``json`` to its pure-Python encoder,
+    several times slower than encoding each value on its own.
+    """
+    keys = [f"{_ENCODE(column)}: " for column in columns]
+    opened = False
+    for row in rows:
+        if keys:
+            items = ",\n    ".join(
+                [key + _json_value(v) for key, v in zip(keys, map(row.get, columns), strict=True)]
+            )
+            text = "{\n    " + items + "\n  }"
+        else:
+            text = "{}"
+        yield ("[\n  " if not opened else ",\n  ") + text
+        opened = True
+    yield "\n]\n" if opened else "[]\n"
+
+
+_ENCODE: Final = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _json_value(value: Any) -> str:
+    """``value`` as ``json.dumps(plain(value), indent=2, ensure_ascii=False)`` writes it inside
+    an object inside an array; the common types first, without ``plain``'s checks."""
+    kind = type(value)
+    if kind is str:
+        return _ENCODE(value)
+    if value is None:
+        return "null"
+    if kind is int:
+        return int.__repr__(value)
+    if kind is dt.datetime:
+        return _ENCODE(value.isoformat())
+    value = plain(value)
+    if isinstance(value, list | tuple | dict):
+        # json.dumps escapes newlines inside strings: every newline here is indentation.
+        return json.dumps(value, indent=2, ensure_ascii=False).replace("\n", "\n    ")
+    return _ENCODE(value)
+
+
+def blocks(chunks: Iterable[str], size: int = BLOCK_CHARS) -> Iterator[str]:
+    """``chunks`` joined into pieces of about ``size`` characters: fewer, larger writes."""
+    pending: list[str] = []
+    held = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        held += len(chunk)
+        if held >= size:
+            yield "".join(pending)
+            pending.clear()
+            held = 0
+    if pending:
+        yield "".join(pending)
 
 
 def write_text_atomic(path: Path, text: str, *, mode: int | None = None) -> None:
@@ -93,12 +198,22 @@ def write_text_atomic(path: Path, text: str, *, mode: int | None = None) -> None
     with a dot and ends in ``.tmp``, so collectors that read ``*.prom`` never see it. New
     files get ``mode`` if given, else the usual permissions (0666 less the umask).
     """
+    write_chunks_atomic(path, (text,), mode=mode)
+
+
+def write_chunks_atomic(path: Path, chunks: Iterable[str], *, mode: int | None = None) -> None:
+    """``write_text_atomic`` for text that comes in pieces: each is written as it comes.
+
+    An exception raised while ``chunks`` is being read (a database gone mid-report) removes
+    the temporary file and leaves ``path`` as it was, as a failed write does.
+    """
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
+            for chunk in chunks:
+                handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
         if mode is not None:

@@ -5,43 +5,56 @@ line (click, option names, exit codes). The HTML is one file with no external as
 CSS, inline SVG, no script; a Content-Security-Policy forbids loading anything), and every
 piece of data in it is escaped, so that a userid or a chat name such as ``<script>`` is shown
 as text.
+
+``render_chunks`` yields the table, CSV and JSON of a report as its rows come (a
+``ReportStream`` is read once, row by row); ``render`` is the same text joined. An audit
+above ``etl.reports.AUDIT_LIST_LIMIT`` changes is rendered as its summary, with the command
+that exports every change if the caller gives one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import html
-import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from etl import __version__
-from etl.output import cell, plain, to_csv, to_table
-from etl.reports import AuditReport, MembershipSeries, Report, SeriesPoint
+from etl.output import cell, csv_lines, json_array, table_lines
+from etl.reports import AuditReport, MembershipSeries, Report, ReportStream, SeriesPoint
 
 FORMATS: Final = ("table", "csv", "json", "html")
 
 
 def render(report: Report, fmt: str) -> str:
     """``report`` in one of ``FORMATS``; JSON is an array of row objects keyed by column."""
-    if fmt == "json":
-        rows = [{c: plain(row.get(c)) for c in report.columns} for row in report.rows]
-        return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
-    if fmt == "csv":
-        return to_csv(report.rows, report.columns)
     if fmt == "html":
         return render_html(report)
+    return "".join(render_chunks(report, fmt))
+
+
+def render_chunks(report: Report | ReportStream, fmt: str) -> Iterator[str]:
+    """``report`` as table, CSV or JSON, in pieces as its rows come (one per row, about)."""
+    if fmt == "json":
+        return json_array(report.rows, report.columns)
+    if fmt == "csv":
+        return csv_lines(report.rows, report.columns)
     if fmt == "table":
-        return render_table(report)
-    raise ValueError(f"unknown format {fmt!r}")
+        return _table_chunks(report)
+    raise ValueError(f"cannot stream format {fmt!r}")
 
 
 def render_table(report: Report) -> str:
-    rows = [{c: _listed(row.get(c)) for c in report.columns} for row in report.rows]
-    lines = [report.title, f"(times in {report.timezone})", ""]
-    lines.append(to_table(rows, report.columns, width=60))
-    lines.extend(f"note: {note}" for note in report.notes)
-    return "\n".join(lines) + "\n"
+    return "".join(_table_chunks(report))
+
+
+def _table_chunks(report: Report | ReportStream) -> Iterator[str]:
+    yield f"{report.title}\n(times in {report.timezone})\n\n"
+    rows = ({c: _listed(row.get(c)) for c in report.columns} for row in report.rows)
+    for line in table_lines(rows, report.columns, width=60):
+        yield line + "\n"
+    for note in report.notes:
+        yield f"note: {note}\n"
 
 
 def _listed(value: Any) -> Any:
@@ -118,6 +131,7 @@ NUMERIC: Final = frozenset(
         "failures_since_ok",
         "latest_error_run_id",
         "latest_errcode",
+        "changes",
     }
 )
 
@@ -231,8 +245,13 @@ def render_html(report: Report) -> str:
     return _page(report.title, _meta(f"Times in {report.timezone}"), sections)
 
 
-def render_audit(audit: AuditReport) -> str:
-    """The audit file: chat summary, membership charts, changes in the window, notes."""
+def render_audit(audit: AuditReport, export_command: str | None = None) -> str:
+    """The audit file: chat summary, membership charts, changes in the window, notes.
+
+    A ``summarised`` audit adds the chats with the most changes and the changes per day, and
+    says how many changes it does not list; ``export_command``, if given, is the command
+    that writes them all (shown as given, escaped).
+    """
     generated = audit.generated_at.strftime("%Y-%m-%d %H:%M:%S")
     subtitle = _meta(
         f"Changes {audit.window}",
@@ -241,15 +260,54 @@ def render_audit(audit: AuditReport) -> str:
     )
     changes, summary = audit.changes, audit.summary
     no_chats = "No chat changed in this window."
+    more = _more_changes(audit, export_command) if audit.summarised else ""
     sections = [
         f'<section id="summary"><h2>{esc(summary.title)}</h2>'
         f"{html_table(summary.rows, summary.columns, no_chats)}</section>",
         _charts(audit.series),
-        f'<section id="changes"><h2>{esc(changes.title)}</h2>'
+        f'<section id="changes"><h2>{esc(changes.title)}</h2>{more}'
         f"{html_table(changes.rows, changes.columns, 'No changes in this window.')}</section>",
         _notes(audit.notes),
     ]
+    if audit.summarised:
+        sections[1:1] = [
+            _report_section("top-chats", audit.top),
+            _report_section("days", audit.days),
+        ]
+        sections.insert(0, _overview(audit, more))
     return _page(audit.title, subtitle, sections)
+
+
+def _overview(audit: AuditReport, more: str) -> str:
+    top = audit.top.rows if audit.top is not None else []
+    text = (
+        f"{audit.total_changes:,} changes in this window, more than a page can list: this "
+        f"file counts them per chat ({len(audit.summary.rows):,} chats), shows the "
+        f"{len(top)} chats with the most changes and their member count, counts the changes "
+        f"per day, and lists the first {len(audit.changes.rows):,}."
+    )
+    return f'<section id="overview"><p>{esc(text)}</p>{more}</section>'
+
+
+def _more_changes(audit: AuditReport, export_command: str | None) -> str:
+    listed = len(audit.changes.rows)
+    more = audit.total_changes - listed
+    text = (
+        f"Listed: the first {listed:,} of {audit.total_changes:,} changes, in the order they "
+        f"occurred; {more:,} more {'is' if more == 1 else 'are'} not listed here."
+    )
+    if export_command is None:
+        return f'<p class="more">{esc(text)}</p>'
+    return f'<p class="more">{esc(text)} All of them as CSV: <code>{esc(export_command)}</code></p>'
+
+
+def _report_section(anchor: str, report: Report | None) -> str:
+    if report is None:
+        return ""
+    return (
+        f'<section id="{anchor}"><h2>{esc(report.title)}</h2>'
+        f"{html_table(report.rows, report.columns, 'None.')}</section>"
+    )
 
 
 # -- SVG ----------------------------------------------------------------------------------------

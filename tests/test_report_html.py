@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -104,6 +105,44 @@ def test_audit_window_and_chat_selection(scenario: Scenario) -> None:
     assert "window start" in charts["chat-fin"]
     # The rename, the searchable change, dan removed and added back.
     assert page.count('<tr class="change-') == 4
+
+
+def test_an_audit_lists_every_change_up_to_its_limit_and_summarises_above(
+    scenario: Scenario,
+) -> None:
+    engine = create_db_engine(scenario.url)
+    try:
+        whole = reports.audit(engine, since=None, until=None, tz=UTC)
+        at_limit = reports.audit(engine, since=None, until=None, tz=UTC, limit=13)
+        above = reports.audit(engine, since=None, until=None, tz=UTC, limit=12)
+    finally:
+        engine.dispose()
+
+    assert (whole.total_changes, whole.summarised, at_limit.summarised) == (13, False, False)
+    same_time = replace(at_limit, generated_at=whole.generated_at)
+    assert render_audit(same_time) == render_audit(whole)
+    # Above: the same chats, counted by the database, and the first changes only.
+    assert above.summarised
+    assert above.total_changes == 13
+    assert above.summary.rows == whole.summary.rows
+    assert above.changes.rows == whole.changes.rows[:12]
+    assert above.changes.title == whole.changes.title
+    assert above.top is not None
+    assert [(r["chatid"], r["changes"]) for r in above.top.rows] == [
+        ("chat-fin", 8),
+        ("chat-eng", 4),
+        ("chat-old", 1),
+    ]
+    assert [s.chatid for s in above.series] == ["chat-fin", "chat-eng", "chat-old"]
+    # The same charts, the chats that changed most first.
+    assert sorted(above.series, key=lambda s: s.chatid) == whole.series
+    page = render_audit(above, "dingtalk-etl report changes --format csv --output changes.csv")
+    assert (
+        "Listed: the first 12 of 13 changes, in the order they occurred; 1 more is not listed "
+        "here. All of them as CSV: <code>dingtalk-etl report changes --format csv --output "
+        "changes.csv</code>"
+    ) in page
+    assert page.count('<tr class="change-') == 12
 
 
 @pytest.mark.parametrize(

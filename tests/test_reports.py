@@ -368,6 +368,27 @@ def test_changes_in_a_window(
     assert times == sorted(times)
 
 
+@pytest.mark.parametrize("window", [c[1] for c in CHANGE_CASES], ids=[c[0] for c in CHANGE_CASES])
+def test_changes_stream_is_the_changes_report_row_by_row(
+    scenario: Scenario, engine: Engine, window: Callable[[Scenario], dict[str, Any]]
+) -> None:
+    kwargs: dict[str, Any] = {"since": None, "until": None, **window(scenario)}
+    whole = reports.changes(engine, tz=SHANGHAI, **kwargs)
+
+    with reports.changes_stream(engine, tz=SHANGHAI, **kwargs) as stream:
+        assert (stream.name, stream.title, stream.columns, stream.notes, stream.timezone) == (
+            whole.name,
+            whole.title,
+            whole.columns,
+            whole.notes,
+            whole.timezone,
+        )
+        assert list(stream.rows) == whole.rows
+    with reports.changes_stream(engine, tz=SHANGHAI, counted=False, **kwargs) as uncounted:
+        assert f"{uncounted.title}: {len(whole.rows)}" == whole.title
+        assert list(uncounted.rows) == whole.rows
+
+
 def test_changes_note_chats_discovered_in_the_window(scenario: Scenario, engine: Engine) -> None:
     report = reports.changes(engine, since=None, until=scenario.at("chat-old", 1), tz=UTC)
     assert report.rows == []  # the baseline is no join
