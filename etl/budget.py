@@ -9,7 +9,7 @@ DingTalk said 90020 this month), ``status`` and the metrics file (``month_budget
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -160,9 +160,14 @@ def choose_chats(
 
 
 def month_budget(
-    config: Config, engine: Engine, synced: Sequence[str], now: dt.datetime
+    config: Config,
+    engine: Engine,
+    synced: Sequence[str] | Callable[[], Sequence[str]],
+    now: dt.datetime,
 ) -> MonthBudget:
     """This month's calls so far and the projected total at its end.
+
+    ``synced``: the synced set, or how to get it (only a projection by schedule needs it).
 
     With a ``[schedule]``, the projection adds what each remaining fire reads by the poll
     plan (each chat keeping its current interval) and its token call, plus the calls made
@@ -177,7 +182,8 @@ def month_budget(
         from etl.triggers import fire_times  # APScheduler: only with a schedule
 
         fires = fire_times(config, now, month.end)
-        plan: list[ChatPoll] = budget.poll_plan(synced)
+        chatids = synced() if callable(synced) else synced
+        plan: list[ChatPoll] = budget.poll_plan(chatids)
         reads = reads_per_fire(plan, policy(config, engine, now), fires)
         by_schedule = project_by_schedule(
             used, reads.chats, reads.runs_reading, TOKEN_CALLS_PER_RUN

@@ -350,7 +350,7 @@ def _from_database(
             finished = row["finished_at"] if row is not None else None
             last_success = finished if isinstance(finished, dt.datetime) else _EPOCH
         with contextlib.suppress(EtlError):
-            budget = month_budget(config, engine, _planned_chats(config, engine), now)
+            budget = month_budget(config, engine, lambda: _planned_chats(config, engine), now)
     return last_success, budget
 
 
@@ -779,7 +779,7 @@ def read_health(
         listener = listeners.latest()
         waiting = listeners.waiting_events()
         discovered = len(EventStore(engine).discovered())
-        budget = month_budget(config, engine, _planned_chats(config, engine), checked_at)
+        budget = month_budget(config, engine, lambda: _planned_chats(config, engine), checked_at)
     running = latest if latest is not None and latest["status"] == "running" else None
     return Health(
         checked_at=checked_at,
