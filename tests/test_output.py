@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etl.output import (
+    CSV_CHUNK_ROWS,
     blocks,
     cell,
     csv_lines,
@@ -112,12 +113,20 @@ def test_a_table_starts_before_its_last_row() -> None:
     assert len(read) == 100
 
 
-def test_csv_lines_are_to_csv_record_by_record() -> None:
+def test_csv_lines_are_to_csv_in_pieces_of_records() -> None:
     table = [{"a": 'x,"y"', "b": "line\nbreak", "ç": ["p", "q"]}, {"a": None, "b": True}]
     pieces = list(csv_lines(iter(table), COLUMNS))
 
-    assert pieces == ["a,b,ç\r\n", '"x,""y""","line\nbreak",p; q\r\n', ",true,\r\n"]
+    assert pieces == ["a,b,ç\r\n", '"x,""y""","line\nbreak",p; q\r\n,true,\r\n']
     assert "".join(pieces) == to_csv(table, COLUMNS)
+
+
+def test_csv_lines_hold_at_most_a_chunk_of_records_each() -> None:
+    table = [{"a": str(n)} for n in range(2 * CSV_CHUNK_ROWS + 1)]
+    pieces = list(csv_lines(iter(table), ["a"]))
+
+    assert [piece.count("\r\n") for piece in pieces] == [1, CSV_CHUNK_ROWS, CSV_CHUNK_ROWS, 1]
+    assert "".join(pieces) == to_csv(table, ["a"])
 
 
 def test_blocks_join_pieces_without_changing_them() -> None:
