@@ -76,6 +76,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from etl.bulk import EVENT_COLUMNS as WRITER_EVENT_COLUMNS
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
@@ -595,20 +597,8 @@ RUN_COLUMNS = (
     "pid",
     "chats_skipped",
 )
-EVENT_COLUMNS = (
-    "id",
-    "run_id",
-    "chatid",
-    "observed_at",
-    "event_type",
-    "userid",
-    "field",
-    "old_value",
-    "new_value",
-    "is_baseline",
-    "source",
-    "occurred_at",
-)
+# The writer's event columns (etl.bulk), with the ids the history assigns itself.
+EVENT_COLUMNS = ("id", *WRITER_EVENT_COLUMNS)
 MEMBER_COLUMNS = ("chatid", "userid", "joined_at", "left_at")
 ITEM_COLUMNS = (
     "run_id",
