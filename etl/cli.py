@@ -927,7 +927,12 @@ def report_changes(
             yield report_html.render_audit(_with_chart_hint(audit), command)
             return
         with reports.changes_stream(engine, counted=fmt == "table", **selection) as found:
-            yield from report_html.render_chunks(found, fmt)
+            written = None
+            if fmt in ("csv", "json"):
+                from etl.pg_export import text_chunks
+
+                written = text_chunks(found, fmt)
+            yield from written if written is not None else report_html.render_chunks(found, fmt)
 
     _report(obj, fmt, output, build)
 

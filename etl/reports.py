@@ -19,16 +19,17 @@ sync) raises ``etl.errors.NoAnswer``, which carries what was asked.
 Scale: the reports bounded by the organisation (members of one chat, one user's chats, the
 chat list, sync health) are read whole. The changes report grows with the history, so
 ``changes_stream`` hands its rows over as a server-side cursor reads them (``STREAM_ROWS`` per
-round trip) inside one consistent snapshot, and ``audit`` lists at most ``AUDIT_LIST_LIMIT``
-changes: above that it is a summary counted by the database (per chat, per day, the chats
-that changed most), never a Python loop over every change.
+round trip) inside one consistent snapshot, with the query they come from (``StreamSource``:
+``etl.pg_export`` has PostgreSQL write their CSV and JSON), and ``audit`` lists at most
+``AUDIT_LIST_LIMIT`` changes: above that it is a summary counted by the database (per chat,
+per day, the chats that changed most), never a Python loop over every change.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -239,6 +240,19 @@ class ReportStream:
     rows: Iterator[dict[str, Any]]
     timezone: str
     notes: list[str] = field(default_factory=list)
+    source: StreamSource | None = None
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """Where a stream's rows come from, for a writer that has the database write the text
+    (``etl.pg_export``): the query (its columns named as the report's, times in UTC), read
+    on ``connection`` inside the stream's snapshot, and the report time zone. Reading it
+    instead of ``rows`` leaves ``rows`` unread: they are read only when iterated."""
+
+    connection: Connection
+    query: Any
+    tz: ZoneInfo
 
 
 @dataclass(frozen=True)
@@ -460,32 +474,44 @@ def changes_stream(
     """
     check_window(since, until)
     clock = _Clock(tz)
-    shape = _change_row(tz)
     with database_errors("reading changes"), _snapshot(engine) as conn:
         plan = _plan_changes(conn, since, until, chats_filter, userid, operator, clock)
         title = plan.title
         if counted:
             title += f": {_count(conn, plan)}"
-        if conn.dialect.name in {"mysql", "mariadb"}:
-            # The server drops a streamed result that its reader leaves waiting longer than
-            # this (60 s by default): a person paging through the report is such a reader.
-            conn.exec_driver_sql(f"SET SESSION net_write_timeout = {STREAM_WAIT_SECONDS}")
-        streaming = conn.execution_options(stream_results=True, yield_per=STREAM_ROWS)
-        result = streaming.execute(plan.query)
+        rows = _streamed(conn, plan.query, _change_row(tz))
         try:
             yield ReportStream(
                 name="changes",
                 title=title,
                 columns=CHANGE_COLUMNS,
-                rows=map(shape, result),
+                rows=rows,
                 timezone=tz.key,
                 notes=plan.notes,
+                source=StreamSource(conn, plan.query, tz),
             )
         finally:
-            # A lost connection is closed already (SQLAlchemy invalidated it); else the
-            # cursor of a stream left early (`| head`) is released here, not at exit.
-            if not conn.invalidated:
-                result.close()
+            rows.close()
+
+
+def _streamed(
+    conn: Connection, query: Any, shape: Callable[[Any], dict[str, Any]]
+) -> Generator[dict[str, Any], None, None]:
+    """The rows of ``query`` through ``shape``, from a server-side cursor opened when the
+    first row is asked for (a stream written by its database never opens it)."""
+    if conn.dialect.name in {"mysql", "mariadb"}:
+        # The server drops a streamed result that its reader leaves waiting longer than
+        # this (60 s by default): a person paging through the report is such a reader.
+        conn.exec_driver_sql(f"SET SESSION net_write_timeout = {STREAM_WAIT_SECONDS}")
+    streaming = conn.execution_options(stream_results=True, yield_per=STREAM_ROWS)
+    result = streaming.execute(query)
+    try:
+        yield from map(shape, result)
+    finally:
+        # A lost connection is closed already (SQLAlchemy invalidated it); else the
+        # cursor of a stream left early (`| head`) is released here, not at exit.
+        if not conn.invalidated:
+            result.close()
 
 
 @contextmanager
@@ -569,44 +595,33 @@ CHANGE_COLUMNS: Final = (
 
 
 def _change_row(tz: ZoneInfo) -> Callable[[Any], dict[str, Any]]:
-    """The ``changes`` row (``CHANGE_COLUMNS``) of a row of ``_changes_query``: one function
-    rather than a cell function per column, as it runs for every row of a long report."""
+    """The ``changes`` row of a row of ``_changes_query`` (whose columns are
+    ``CHANGE_COLUMNS``): its times in the report zone. One function rather than a cell
+    function per column, as it runs for every row of a long report."""
+    columns = CHANGE_COLUMNS
 
     def shape(row: Any) -> dict[str, Any]:
-        (occurred, observed, chatid, name, event_type, userid, field_name, old, new, *rest) = row
-        run_id, source, operator = rest
-        return {
-            "occurred_at": occurred.astimezone(tz),
-            "observed_at": observed.astimezone(tz),
-            "chatid": chatid,
-            "chat_name": name,
-            "change": change_kind(event_type, field_name, new, old),
-            "userid": userid,
-            "field": field_name,
-            "old_value": old,
-            "new_value": new,
-            "run_id": run_id,
-            "source": source,
-            "operator_userid": operator,
-        }
+        occurred, observed, *rest = row
+        values = (occurred.astimezone(tz), observed.astimezone(tz), *rest)
+        return dict(zip(columns, values, strict=True))
 
     return shape
 
 
-def change_kind(event_type: str, field_name: str | None, new: str | None, old: str | None) -> str:
-    if event_type == "member_joined":
-        return "joined"
-    if event_type == "member_left":
-        return "left"
-    if field_name == "status":
-        if new == str(STATUS_DISMISSED):
-            return "dismissed"
-        return "restored" if old == str(STATUS_DISMISSED) else "setting_changed"
-    if field_name == "owner_userid":
-        return "owner_changed"
-    if field_name == "name":
-        return "renamed"
-    return "setting_changed"
+def change_kind_of(e: Any) -> ColumnElement[str]:
+    """The kind of change (``CHANGE_KINDS``) of a row of ``chat_events``, computed by the
+    database: a status that becomes dismissed is a dismissal, one that stops being dismissed
+    a restoration, any other status or setting a setting change."""
+    dismissed = str(STATUS_DISMISSED)
+    return case(
+        (e.c.event_type == "member_joined", literal("joined")),
+        (e.c.event_type == "member_left", literal("left")),
+        (and_(e.c.field == "status", e.c.new_value == dismissed), literal("dismissed")),
+        (and_(e.c.field == "status", e.c.old_value == dismissed), literal("restored")),
+        (e.c.field == "owner_userid", literal("owner_changed")),
+        (e.c.field == "name", literal("renamed")),
+        else_=literal("setting_changed"),
+    )
 
 
 def _changes_where(
@@ -640,22 +655,25 @@ def _changes_where(
 
 
 def _changes_query(where: Sequence[ColumnElement[bool]]) -> Any:
+    """The changes selected by ``where``, with the columns ``CHANGE_COLUMNS`` (times in UTC),
+    in the order they occurred."""
     e = chat_events
+    columns = (
+        e.c.occurred_at,
+        e.c.observed_at,
+        e.c.chatid,
+        chats.c.name.label("chat_name"),
+        change_kind_of(e).label("change"),
+        e.c.userid,
+        e.c.field,
+        e.c.old_value,
+        e.c.new_value,
+        e.c.run_id,
+        e.c.source,
+        e.c.operator_userid,
+    )
     return (
-        select(
-            e.c.occurred_at,
-            e.c.observed_at,
-            e.c.chatid,
-            chats.c.name.label("chat_name"),
-            e.c.event_type,
-            e.c.userid,
-            e.c.field,
-            e.c.old_value,
-            e.c.new_value,
-            e.c.run_id,
-            e.c.source,
-            e.c.operator_userid,
-        )
+        select(*columns)
         .select_from(e.outerjoin(chats, chats.c.chatid == e.c.chatid))
         .where(*where)
         .order_by(e.c.occurred_at, e.c.id)
