@@ -36,11 +36,9 @@ import json
 import math
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -57,6 +55,8 @@ from throughput import (
     BenchError,
     _die_with_parent,
     databases,
+    probe_postgresql,
+    run_databases,
 )
 from throughput import spawn_step as spawn_throughput_step
 
@@ -1055,57 +1055,27 @@ def main(argv: list[str]) -> int:
         sys.stdout.write(json.dumps(result) + "\n")
         return 0
     args = parse_args(argv)
-
-    def terminate(signum: int, _frame: object) -> None:
-        # Unwind through the finally blocks that stop the processes and drop the databases.
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
-    workdir = Path(tempfile.mkdtemp(prefix="dingtalk-etl-bench-events-"))
-    runs: list[DatabaseRun] = []
-    try:
-        if "postgresql" in args.kinds:
-            probe = spawn_throughput_step("probe", {"admin_url": args.pg_url})
-            if probe.data["error"]:
-                raise BenchError(
-                    f"PostgreSQL does not answer at {args.pg_url}: {probe.data['error']} "
-                    "(give --pg-url, or --databases sqlite)"
-                )
-        for kind in args.kinds:
-            runs.append(bench_database(kind, args, workdir))
-    except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    all_ok = all([report(run, args) for run in runs])
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                [
-                    {
-                        "database": run.kind,
-                        "figures": run.figures,
-                        "floor_latency_ms": latency_summary(run.floor["latencies_ms"]),
-                        "listen_latency_ms": latency_summary(run.burst["latencies_ms"]),
-                        "calls": run.calls,
-                        "burst_check": run.burst_check,
-                        "flood": run.flood,
-                        "flood_check": run.flood_check,
-                        "rss_kb": run.rss_kb,
-                        "hwm_kb": run.hwm_kb,
-                        "gateway": run.gateway,
-                    }
-                    for run in runs
-                ],
-                indent=2,
-            )
-        )
-    print("\nall targets met" if all_ok else "\nsome targets MISSED")
-    return 0 if all_ok else 1
+    return run_databases(
+        args.kinds,
+        prefix="dingtalk-etl-bench-events-",
+        probe=(lambda: probe_postgresql(args.pg_url)) if "postgresql" in args.kinds else None,
+        bench=lambda kind, workdir: bench_database(kind, args, workdir),
+        report=lambda run: report(run, args),
+        as_json=lambda run: {
+            "database": run.kind,
+            "figures": run.figures,
+            "floor_latency_ms": latency_summary(run.floor["latencies_ms"]),
+            "listen_latency_ms": latency_summary(run.burst["latencies_ms"]),
+            "calls": run.calls,
+            "burst_check": run.burst_check,
+            "flood": run.flood,
+            "flood_check": run.flood_check,
+            "rss_kb": run.rss_kb,
+            "hwm_kb": run.hwm_kb,
+            "gateway": run.gateway,
+        },
+        json_path=args.json,
+    )
 
 
 if __name__ == "__main__":

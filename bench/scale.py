@@ -58,7 +58,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from throughput import DEFAULT_PG_URL, BenchError, _die_with_parent
+from throughput import (
+    DEFAULT_PG_URL,
+    BenchError,
+    _die_with_parent,
+    probe_postgresql,
+    run_databases,
+)
 from throughput import spawn_step as spawn_throughput_step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -941,60 +947,34 @@ def main(argv: list[str]) -> int:
         return 0
     args = parse_args(argv)
 
-    def terminate(_signum: int, _frame: object) -> None:
-        # Unwind through the finally blocks that stop the children and drop the databases.
-        raise KeyboardInterrupt
+    def bench(kind: str, workdir: Path) -> DatabaseRun:
+        with database_url(kind, args, workdir) as url:
+            return bench_database(kind, url, args, workdir)
 
-    signal.signal(signal.SIGTERM, terminate)
-    workdir = Path(tempfile.mkdtemp(prefix="dingtalk-etl-bench-scale-"))
-    runs: list[DatabaseRun] = []
-    try:
-        if "postgresql" in args.kinds and not args.url:
-            probe = spawn_throughput_step("probe", {"admin_url": args.pg_url})
-            if probe.data["error"]:
-                raise BenchError(
-                    f"PostgreSQL does not answer at {args.pg_url}: {probe.data['error']} "
-                    "(give --pg-url, or --databases sqlite)"
-                )
-        for kind in args.kinds:
-            with database_url(kind, args, workdir) as url:
-                runs.append(bench_database(kind, url, args, workdir))
-    except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    all_ok = all([report(run, args) for run in runs])
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                [
-                    {
-                        "database": run.kind,
-                        "history": run.history,
-                        "build": run.build,
-                        "info": {k: v for k, v in run.info.items() if k != "month_query"},
-                        "month_query": run.info["month_query"],
-                        "steps": {
-                            name: {**step, "label": run.labels.get(name, name)}
-                            for name, step in run.steps.items()
-                        },
-                        "render": run.render,
-                        "figures": [vars(f) for f in run.figures],
-                        "load": run.load,
-                        "checkout": run.checkout,
-                    }
-                    for run in runs
-                ],
-                indent=2,
-            )
-            + "\n"
-        )
-    print("\nall targets met" if all_ok else "\nsome targets MISSED")
-    return 0 if all_ok else 1
+    needs_server = "postgresql" in args.kinds and not args.url
+    return run_databases(
+        args.kinds,
+        prefix="dingtalk-etl-bench-scale-",
+        probe=(lambda: probe_postgresql(args.pg_url)) if needs_server else None,
+        bench=bench,
+        report=lambda run: report(run, args),
+        as_json=lambda run: {
+            "database": run.kind,
+            "history": run.history,
+            "build": run.build,
+            "info": {k: v for k, v in run.info.items() if k != "month_query"},
+            "month_query": run.info["month_query"],
+            "steps": {
+                name: {**step, "label": run.labels.get(name, name)}
+                for name, step in run.steps.items()
+            },
+            "render": run.render,
+            "figures": [vars(f) for f in run.figures],
+            "load": run.load,
+            "checkout": run.checkout,
+        },
+        json_path=args.json,
+    )
 
 
 if __name__ == "__main__":

@@ -30,17 +30,17 @@ import json
 import os
 import re
 import selectors
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common import BenchError, run_databases
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 APP_KEY = "demo-key"
@@ -327,10 +327,6 @@ def run_child_step(name: str, spec_json: str) -> None:
 
 # --------------------------------------------------------------------------------------------
 # The parent: simulator processes, step processes, the report.
-
-
-class BenchError(Exception):
-    pass
 
 
 @dataclass
@@ -656,53 +652,33 @@ def main(argv: list[str]) -> int:
         run_child_step(argv[1], argv[2])
         return 0
     args = parse_args(argv)
+    return run_databases(
+        args.kinds,
+        prefix="dingtalk-etl-bench-",
+        probe=(lambda: probe_postgresql(args.pg_url)) if "postgresql" in args.kinds else None,
+        bench=lambda kind, workdir: bench_database(kind, args, workdir),
+        report=lambda run: report(run, args),
+        as_json=lambda run: {
+            "database": run.kind,
+            "memberships": run.memberships,
+            "steps": {
+                label: {**m.data, "wall": m.wall, "walls": m.walls, "rss_mb": m.rss_mb}
+                for label, m in run.steps.items()
+            },
+            "ratios": run.ratios,
+        },
+        json_path=args.json,
+    )
 
-    def terminate(signum: int, _frame: object) -> None:
-        # Unwind through the finally blocks that stop the simulator and drop the databases.
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, terminate)
-    workdir = Path(tempfile.mkdtemp(prefix="dingtalk-etl-bench-"))
-    runs: list[DatabaseRun] = []
-    try:
-        if "postgresql" in args.kinds:
-            probe = spawn_step("probe", {"admin_url": args.pg_url})
-            if probe.data["error"]:
-                raise BenchError(
-                    f"PostgreSQL does not answer at {args.pg_url}: {probe.data['error']} "
-                    "(give --pg-url, or --databases sqlite)"
-                )
-        for kind in args.kinds:
-            runs.append(bench_database(kind, args, workdir))
-    except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    all_ok = all([report(run, args) for run in runs])
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                [
-                    {
-                        "database": run.kind,
-                        "memberships": run.memberships,
-                        "steps": {
-                            label: {**m.data, "wall": m.wall, "walls": m.walls, "rss_mb": m.rss_mb}
-                            for label, m in run.steps.items()
-                        },
-                        "ratios": run.ratios,
-                    }
-                    for run in runs
-                ],
-                indent=2,
-            )
+def probe_postgresql(admin_url: str) -> None:
+    """``BenchError`` unless the PostgreSQL server at ``admin_url`` answers."""
+    probe = spawn_step("probe", {"admin_url": admin_url})
+    if probe.data["error"]:
+        raise BenchError(
+            f"PostgreSQL does not answer at {admin_url}: {probe.data['error']} "
+            "(give --pg-url, or --databases sqlite)"
         )
-    print("\nall targets met" if all_ok else "\nsome targets MISSED")
-    return 0 if all_ok else 1
 
 
 if __name__ == "__main__":
