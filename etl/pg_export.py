@@ -112,8 +112,9 @@ def _csv(
     compiled = query.compile(
         dialect=source.connection.dialect, compile_kwargs={"render_postcompile": True}
     )
-    # COPY takes no server-side parameters: psycopg binds these values in the client, as it
-    # quotes every literal (strings and aware datetimes, which it adapts itself).
+    # COPY takes no server-side parameters: psycopg merges these into the statement, quoting
+    # each. They are the values as given, without SQLAlchemy's bind processing: strings and
+    # aware datetimes, which psycopg adapts as SQLAlchemy's own binding would.
     statement = f"COPY ({compiled.string}) TO STDOUT WITH (FORMAT csv)"
     raw = source.connection.connection.driver_connection
     if raw is None:  # pragma: no cover - a live connection always has its driver's

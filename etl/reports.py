@@ -608,7 +608,7 @@ def _change_row(tz: ZoneInfo) -> Callable[[Any], dict[str, Any]]:
     return shape
 
 
-def change_kind_of(e: Any) -> ColumnElement[str]:
+def _change_kind(e: Any) -> ColumnElement[str]:
     """The kind of change (``CHANGE_KINDS``) of a row of ``chat_events``, computed by the
     database: a status that becomes dismissed is a dismissal, one that stops being dismissed
     a restoration, any other status or setting a setting change."""
@@ -663,7 +663,7 @@ def _changes_query(where: Sequence[ColumnElement[bool]]) -> Any:
         e.c.observed_at,
         e.c.chatid,
         chats.c.name.label("chat_name"),
-        change_kind_of(e).label("change"),
+        _change_kind(e).label("change"),
         e.c.userid,
         e.c.field,
         e.c.old_value,
