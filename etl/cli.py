@@ -929,7 +929,7 @@ def report_changes(
         with reports.changes_stream(engine, counted=fmt == "table", **selection) as found:
             written = None
             if fmt in ("csv", "json"):
-                from etl.pg_export import text_chunks
+                from etl.export import text_chunks
 
                 written = text_chunks(found, fmt)
             yield from written if written is not None else report_html.render_chunks(found, fmt)

@@ -20,7 +20,7 @@ Scale: the reports bounded by the organisation (members of one chat, one user's 
 chat list, sync health) are read whole. The changes report grows with the history, so
 ``changes_stream`` hands its rows over as a server-side cursor reads them (``STREAM_ROWS`` per
 round trip) inside one consistent snapshot, with the query they come from (``StreamSource``:
-``etl.pg_export`` has PostgreSQL write their CSV and JSON), and ``audit`` lists at most
+``etl.export`` writes their CSV and JSON fast), and ``audit`` lists at most
 ``AUDIT_LIST_LIMIT`` changes: above that it is a summary counted by the database (per chat,
 per day, the chats that changed most), never a Python loop over every change.
 """
@@ -245,8 +245,8 @@ class ReportStream:
 
 @dataclass(frozen=True)
 class StreamSource:
-    """Where a stream's rows come from, for a writer that has the database write the text
-    (``etl.pg_export``): the query (its columns named as the report's, times in UTC), read
+    """Where a stream's rows come from, for a writer that reads them its own way
+    (``etl.export``): the query (its columns named as the report's, times in UTC), read
     on ``connection`` inside the stream's snapshot, and the report time zone. Reading it
     instead of ``rows`` leaves ``rows`` unread: they are read only when iterated."""
 

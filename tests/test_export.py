@@ -1,6 +1,7 @@
-"""The changes report's CSV and JSON written by PostgreSQL (etl.pg_export) are the text that
-etl.output writes for the same rows, byte for byte: on values that CSV must quote or JSON must
-escape, in time zones with odd offsets and daylight saving time, for every filter."""
+"""The changes report's CSV and JSON written by etl.export (by PostgreSQL itself, or from text
+rows elsewhere) are the text that etl.output writes for the same rows, byte for byte, on each
+database: on values that CSV must quote or JSON must escape, in time zones with odd offsets
+and daylight saving time, for every filter."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import io
 import itertools
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from zoneinfo import TZPATH, ZoneInfo
@@ -17,13 +19,14 @@ from zoneinfo import TZPATH, ZoneInfo
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import insert
+from sqlalchemy import insert, update
 from sqlalchemy.engine import Engine
 
-from etl import pg_export, reports
+from etl import export, reports
 from etl.db import create_db_engine
 from etl.report_html import render_chunks
 from etl.schema import chat_events, chats
+from tests.conftest import DATABASES
 from tests.helpers import fresh_database, migrated
 
 UTC = dt.UTC
@@ -132,9 +135,13 @@ def _chat(chatid: str, name: str) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    url = migrated(fresh_database("postgresql", tmp_path_factory.mktemp("pg"), "_pgx"))
+@pytest.fixture(scope="module", params=DATABASES)
+def engine(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Engine]:
+    """A database of each kind holding ``_events``; other tests add chats of their own."""
+    kind = str(request.param)
+    url = migrated(fresh_database(kind, tmp_path_factory.mktemp(kind), "_export"))
     engine = create_db_engine(url)
     names = {f"chat-{i}": text for i, text in enumerate(["Finance, Beijing", 'The "A" team', ""])}
     names["chat-3"] = "多行\n名字"
@@ -146,10 +153,10 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
 
 
 def both(engine: Engine, fmt: str, tz: ZoneInfo, **selection: Any) -> tuple[str, str]:
-    """(the database's text, Python's text) of the same changes."""
+    """(etl.export's text, etl.output's text) of the same changes."""
     kwargs: dict[str, Any] = {"since": None, "until": None, **selection}
     with reports.changes_stream(engine, tz=tz, counted=False, **kwargs) as stream:
-        written = pg_export.text_chunks(stream, fmt)
+        written = export.text_chunks(stream, fmt)
         assert written is not None
         database = "".join(written)
     with reports.changes_stream(engine, tz=tz, counted=False, **kwargs) as stream:
@@ -167,10 +174,10 @@ SELECTIONS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-@pytest.mark.parametrize("fmt", pg_export.FORMATS)
+@pytest.mark.parametrize("fmt", export.FORMATS)
 @pytest.mark.parametrize("zone", ZONES)
 @pytest.mark.parametrize("selection", [s[1] for s in SELECTIONS], ids=[s[0] for s in SELECTIONS])
-def test_the_database_writes_the_text_python_writes(
+def test_the_export_writes_the_text_the_general_writers_write(
     engine: Engine, fmt: str, zone: str, selection: dict[str, Any]
 ) -> None:
     database, python = both(engine, fmt, ZoneInfo(zone), **selection)
@@ -209,13 +216,13 @@ def test_the_text_holds_every_change_once_as_it_was_stored(engine: Engine) -> No
 def test_a_long_report_comes_in_pieces(engine: Engine) -> None:
     rows = [
         {"chatid": "chat-many", "event_type": "member_joined", "userid": f"user{n:05d}"}
-        for n in range(2 * pg_export.PIECE_ROWS + 10)
+        for n in range(2 * export.PIECE_ROWS + 10)
     ]
     _insert(engine, rows, {"chat-many": "Many"})
-    for fmt in pg_export.FORMATS:
+    for fmt in export.FORMATS:
         kwargs: dict[str, Any] = {"since": None, "until": None, "chats_filter": ["chat-many"]}
         with reports.changes_stream(engine, tz=ZoneInfo("UTC"), counted=False, **kwargs) as s:
-            written = pg_export.text_chunks(s, fmt)
+            written = export.text_chunks(s, fmt)
             assert written is not None
             pieces = list(written)
         assert len(pieces) >= 3, fmt
@@ -223,38 +230,58 @@ def test_a_long_report_comes_in_pieces(engine: Engine) -> None:
         assert "".join(pieces) == database == python
 
 
-def test_a_zone_the_server_does_not_know_is_left_to_python(engine: Engine) -> None:
+def test_a_zone_postgresql_does_not_know_is_shown_by_python(engine: Engine) -> None:
     # Shanghai's rules under a name no time zone database has.
-    found = next(
-        Path(d, "Asia", "Shanghai") for d in TZPATH if Path(d, "Asia", "Shanghai").is_file()
-    )
-    with found.open("rb") as data:
+    found = (Path(folder, "Asia", "Shanghai") for folder in TZPATH)
+    with next(path for path in found if path.is_file()).open("rb") as data:
         unknown = ZoneInfo.from_file(data, key="Mars/Olympus_Mons")
-    kwargs: dict[str, Any] = {"since": None, "until": None, "chats_filter": ["chat-1"]}
-    with reports.changes_stream(engine, tz=unknown, counted=False, **kwargs) as stream:
-        assert pg_export.text_chunks(stream, "csv") is None
-        # The snapshot goes on: the rows are still there to be rendered.
-        rows = list(stream.rows)
-    assert len(rows) == sum(event["chatid"] == "chat-1" for event in _events())
-    assert rows[0]["occurred_at"].utcoffset() == dt.timedelta(hours=8)
+    for fmt in export.FORMATS:
+        database, python = both(engine, fmt, unknown, chats_filter=["chat-1"])
+        assert database == python
+        assert "+08:00" in database
 
 
-def test_other_databases_are_left_to_python(tmp_path: Path) -> None:
+def test_a_stream_without_its_query_is_left_to_the_general_writers(engine: Engine) -> None:
+    kwargs: dict[str, Any] = {"since": None, "until": None}
+    with reports.changes_stream(engine, tz=ZoneInfo("UTC"), **kwargs) as stream:
+        assert export.text_chunks(replace(stream, source=None), "csv") is None
+
+
+def test_a_value_of_another_type_is_written_as_the_general_writer_does(tmp_path: Path) -> None:
+    # SQLite lets a column hold any type: a BLOB in a text column, written by another tool.
     engine = create_db_engine(migrated(fresh_database("sqlite", tmp_path)))
     try:
-        kwargs: dict[str, Any] = {"since": None, "until": None}
-        with reports.changes_stream(engine, tz=ZoneInfo("UTC"), **kwargs) as stream:
-            assert pg_export.text_chunks(stream, "json") is None
-            assert list(stream.rows) == []
+        _insert(engine, [{"chatid": "chat-b", "event_type": "attribute_changed"}], {})
+        with engine.begin() as conn:
+            conn.execute(update(chat_events).values(old_value=b"\x00\xff", new_value=2.5))
+        database, python = both(engine, "csv", ZoneInfo("UTC"))
+        assert database == python
+        assert "b'\\x00\\xff',2.5," in database
     finally:
         engine.dispose()
 
 
+def test_each_distinct_time_is_shown_once_and_forgotten_past_the_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    shown = export._Shown(ZoneInfo("Asia/Kolkata"))
+    assert shown.column(["2026-03-08 06:59:59", None, "2026-03-08 06:59:59.000100"]) == [
+        "2026-03-08T12:29:59+05:30",
+        None,
+        "2026-03-08T12:29:59.000100+05:30",
+    ]
+    assert len(shown.cache) == 3  # None and the two times
+    monkeypatch.setattr(export._Shown, "LIMIT", 3)
+    later = [dt.datetime(2026, 3, 9, tzinfo=UTC), dt.datetime(2026, 3, 9, 1)]  # aware, naive
+    assert shown.column(later) == ["2026-03-09T05:30:00+05:30", "2026-03-09T06:30:00+05:30"]
+    assert set(shown.cache) == {None, *later}
+
+
 def test_only_csv_and_json(engine: Engine) -> None:
     kwargs: dict[str, Any] = {"since": None, "until": None}
-    refused = pytest.raises(ValueError, match="the database writes csv and json, not 'table'")
+    refused = pytest.raises(ValueError, match="the export writes csv and json, not 'table'")
     with reports.changes_stream(engine, tz=ZoneInfo("UTC"), **kwargs) as stream, refused:
-        pg_export.text_chunks(stream, "table")
+        export.text_chunks(stream, "table")
 
 
 _chat_numbers = itertools.count()
@@ -262,7 +289,7 @@ _chat_numbers = itertools.count()
 _texts = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=12)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(values=st.lists(st.tuples(_texts, _texts, _texts), min_size=1, max_size=4))
 def test_any_text_is_written_as_python_writes_it(
     engine: Engine, values: list[tuple[str, str, str]]
@@ -281,6 +308,6 @@ def test_any_text_is_written_as_python_writes_it(
         for old, new, operator in values
     ]
     _insert(engine, rows, {chatid: values[0][0]})
-    for fmt in pg_export.FORMATS:
+    for fmt in export.FORMATS:
         database, python = both(engine, fmt, ZoneInfo("Asia/Kolkata"), chats_filter=[chatid])
         assert database == python
