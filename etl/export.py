@@ -12,11 +12,11 @@ to the report zone, every value checked and formatted). Here:
   STDOUT`` (the server quotes the fields), JSON one text per row built with ``to_json``
   (which escapes strings as Python's ``json`` does); times by ``to_char`` in the report
   zone, set for the snapshot's transaction only. Python only joins pieces.
-- Elsewhere, and on a server that does not know the report zone (its time zone data may be
-  older than Python's), the database gives each time as its UTC text, which is converted
-  once per distinct value (a sync writes many changes at one time), and the rows, plain
-  text and numbers then, go to the csv module's ``writerows`` and the C JSON encoder a
-  thousand at a time.
+- Elsewhere, and on a PostgreSQL server that does not know the report zone (its time zone
+  data may be older than Python's), each time comes as the database's UTC text (from
+  PostgreSQL, its driver's datetime) and is converted once per distinct value (a sync
+  writes many changes at one time); the rows, plain text and numbers then, go to the csv
+  module's ``writerows`` and the C JSON encoder a thousand at a time.
 
 Differences from PostgreSQL's own CSV that are undone here: its line end is ``\\n``
 (``\\r\\n`` here, as RFC 4180 and Python's csv module write; a newline inside a value stays
