@@ -257,6 +257,14 @@ def test_a_value_of_another_type_is_written_as_the_general_writer_does(tmp_path:
         database, python = both(engine, "csv", ZoneInfo("UTC"))
         assert database == python
         assert "b'\\x00\\xff',2.5," in database
+        # JSON has no text for bytes: both writers refuse it alike.
+        for write in (export.text_chunks, render_chunks):
+            kwargs: dict[str, Any] = {"since": None, "until": None}
+            with (
+                reports.changes_stream(engine, tz=ZoneInfo("UTC"), **kwargs) as stream,
+                pytest.raises(TypeError, match="Object of type bytes is not JSON serializable"),
+            ):
+                "".join(write(stream, "json") or ())
     finally:
         engine.dispose()
 
