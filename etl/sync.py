@@ -168,29 +168,12 @@ def _run(
     started = time.monotonic()
     chatids = chats.wanted
     recorder = RunRecorder(RunLog(store.engine))
-    run_id, abandoned = recorder.start(trigger, len(chatids), chats.skipped, chats.started_at)
-    result = RunResult(
-        run_id=run_id,
-        status="running",
-        trigger=trigger,
-        chats_total=len(chatids),
-        chats_skipped=chats.skipped,
-    )
-    with structlog.contextvars.bound_contextvars(run_id=run_id):
-        if abandoned:
-            log.warning("run.abandoned_marked", count=abandoned)
-        concurrency = config.sync.concurrency
-        log.info(
-            "run.started",
-            trigger=trigger,
-            chats_total=len(chatids),
-            chats_skipped=chats.skipped,
-            concurrency=concurrency,
-        )
+    total, skipped = len(chatids), chats.skipped
+    with _recorded_run(config, recorder, trigger, total, skipped, chats.started_at) as result:
         stop = RunStop(signal, config.sync.run_budget_seconds)
         with _client(config, stop.halt) as client:
             if chatids:
-                fetch = FetchStage(client, chatids, concurrency, stop)
+                fetch = FetchStage(client, chatids, config.sync.concurrency, stop)
                 writer = WriterStage(
                     store, lock, result, client, _next_poll(config, chats.started_at)
                 )
@@ -202,6 +185,38 @@ def _run(
             _settle(result, reason, client, started)
             recorder.finish(result, client.take_calls())
         return result
+
+
+@contextmanager
+def _recorded_run(
+    config: Config,
+    recorder: RunRecorder,
+    trigger: str,
+    chats_total: int,
+    chats_skipped: int,
+    started_at: dt.datetime,
+) -> Iterator[RunResult]:
+    """The run's row written (dead runs marked abandoned) and ``run.started`` logged; the
+    block runs with the run's id bound to every log event."""
+    run_id, abandoned = recorder.start(trigger, chats_total, chats_skipped, started_at)
+    result = RunResult(
+        run_id=run_id,
+        status="running",
+        trigger=trigger,
+        chats_total=chats_total,
+        chats_skipped=chats_skipped,
+    )
+    with structlog.contextvars.bound_contextvars(run_id=run_id):
+        if abandoned:
+            log.warning("run.abandoned_marked", count=abandoned)
+        log.info(
+            "run.started",
+            trigger=trigger,
+            chats_total=chats_total,
+            chats_skipped=chats_skipped,
+            concurrency=config.sync.concurrency,
+        )
+        yield result
 
 
 def _next_poll(config: Config, started_at: dt.datetime) -> NextPoll | None:
@@ -463,14 +478,7 @@ class ReconcileRuns:
             Store(engine) as store,
         ):
             recorder = RunRecorder(RunLog(engine))
-            run_id, abandoned = recorder.start("event", len(wanted), at=started_at)
-            result = RunResult(
-                run_id=run_id, status="running", trigger="event", chats_total=len(wanted)
-            )
-            with structlog.contextvars.bound_contextvars(run_id=run_id):
-                if abandoned:
-                    log.warning("run.abandoned_marked", count=abandoned)
-                log.info("run.started", trigger="event", chats_total=len(wanted))
+            with _recorded_run(config, recorder, "event", len(wanted), 0, started_at) as result:
                 writer = WriterStage(store, lock, result, client, _next_poll(config, started_at))
                 _write(fetched, writer, run_stop)
                 _settle(result, _stop_reason(run_stop, writer, result), client, started, counted)

@@ -15,7 +15,7 @@ from etl import reports
 from etl.db import create_db_engine
 from etl.logs import configure_logging
 from etl.simulator import SimChat, Simulator, World
-from etl.sync import run_sync
+from etl.sync import ReconcileRuns, run_sync
 from tests.conftest import APP_SECRET, MakeConfig
 from tests.helpers import current_members, events, rows, snapshot
 
@@ -403,3 +403,30 @@ def test_refused_credentials_are_asked_once_however_many_workers(
     assert result.api_calls == 1
     assert world.stats.gettoken_calls == 1
     assert world.stats.requests_by_path["/chat/get"] == 0
+
+
+def test_every_run_logs_its_start_with_the_same_keys(
+    sqlite_url: URL, simulator: Simulator, make_config: MakeConfig
+) -> None:
+    """A sync's run and a listener's reconcile run start the same way (README, Logs)."""
+    stream = io.StringIO()
+    configure_logging("INFO", "json", stream=stream)
+    config = make_config(sqlite_url, simulator.base_url, READABLE)
+    engine = create_db_engine(sqlite_url)
+    reconcile = ReconcileRuns(config, engine, stop=None)
+    try:
+        synced = run_sync(config)
+        reconciled = reconcile(["chat-b", "chat-a", "chat-b"])
+    finally:
+        reconcile.close()
+        engine.dispose()
+
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    started = [line for line in lines if line["event"] == "run.started"]
+    assert [(e["run_id"], e["trigger"], e["chats_total"]) for e in started] == [
+        (synced.run_id, "manual", 3),
+        (reconciled.run_id, "event", 2),
+    ]
+    keys = {"run_id", "trigger", "chats_total", "chats_skipped", "concurrency"}
+    assert all(set(e) == keys | {"event", "level", "timestamp"} for e in started)
+    assert all((e["chats_skipped"], e["concurrency"]) == (0, 4) for e in started)
