@@ -4,9 +4,11 @@ between storing an event and its ACK reaching DingTalk."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,27 +92,43 @@ def served(redeliver_after: float) -> Iterator[Served]:
         yield Served(world, sim, gateway)
 
 
+class Children:
+    """The processes a test started, and the temporary folder they are given: Python's
+    multiprocessing keeps its fork server's socket in a folder of its own under it, which a
+    process killed with SIGKILL cannot remove."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.started: list[subprocess.Popen[str]] = []
+
+
 @pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=30)
+def processes() -> Iterator[Children]:
+    # Not under tmp_path: a Unix socket's path is limited to about 100 characters.
+    children = Children(Path(tempfile.mkdtemp(prefix="etl-")))
+    try:
+        yield children
+    finally:
+        for process in children.started:
+            if process.poll() is None:
+                process.terminate()  # as a service manager stops it: it cleans up
+            try:
+                process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate(timeout=30)
+        shutil.rmtree(children.tmp, ignore_errors=True)
 
 
-def start(
-    processes: list[subprocess.Popen[str]], config: Path, command: str
-) -> subprocess.Popen[str]:
+def start(children: Children, config: Path, command: str) -> subprocess.Popen[str]:
     process = subprocess.Popen(
         [str(BIN / "dingtalk-etl"), "--config", str(config), command],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(children.tmp)},
     )
-    processes.append(process)
+    children.started.append(process)
     return process
 
 
@@ -120,7 +138,7 @@ def test_kill_between_storing_and_the_ack_writes_nothing_twice(
     served: Served,
     db_url: URL,
     tmp_path: Path,
-    processes: list[subprocess.Popen[str]],
+    processes: Children,
 ) -> None:
     config = config_file(tmp_path, db_url, served.sim, served.gateway)
     first = start(processes, config, "listen")
@@ -150,7 +168,7 @@ def test_kill_between_storing_and_the_ack_writes_nothing_twice(
 
 
 def test_sigterm_stops_listen_with_exit_0(
-    served: Served, db_url: URL, tmp_path: Path, processes: list[subprocess.Popen[str]]
+    served: Served, db_url: URL, tmp_path: Path, processes: Children
 ) -> None:
     config = config_file(tmp_path, db_url, served.sim, served.gateway)
     process = start(processes, config, "listen")
@@ -190,7 +208,7 @@ def test_gateway_refusal_exit_code_and_message(
     served: Served,
     db_url: URL,
     tmp_path: Path,
-    processes: list[subprocess.Popen[str]],
+    processes: Children,
     status: int,
     code: int,
     message: str,
@@ -206,7 +224,7 @@ def test_gateway_refusal_exit_code_and_message(
 
 
 def test_schedule_runs_the_listener_beside_its_syncs(
-    served: Served, db_url: URL, tmp_path: Path, processes: list[subprocess.Popen[str]]
+    served: Served, db_url: URL, tmp_path: Path, processes: Children
 ) -> None:
     extra = "enabled = true\n[schedule]\ninterval_minutes = 60\nrun_on_start = true\n"
     config = config_file(tmp_path, db_url, served.sim, served.gateway, extra=extra)
