@@ -173,19 +173,19 @@ def _pg_json(source: StreamSource, names: tuple[str, ...], columns: _Kinds) -> I
     parts.append(literal("\n  }"))
     query = source.query.with_only_columns(func.concat(*parts), maintain_column_froms=True)
     opened = False
-    for piece in _pieces(source, query):
+    for piece in _pieces(source, query, scalars=True):
         yield ("[\n  " if not opened else ",\n  ") + ",\n  ".join(piece)
         opened = True
     yield "\n]\n" if opened else "[]\n"
 
 
-def _pieces(source: StreamSource, query: Any) -> Iterator[Sequence[Any]]:
-    """The rows of ``query`` (its only value, if it has one column), ``PIECE_ROWS`` at a
+def _pieces(source: StreamSource, query: Any, *, scalars: bool = False) -> Iterator[Sequence[Any]]:
+    """The rows of ``query`` (``scalars``: the first value of each), ``PIECE_ROWS`` at a
     time, from a server-side cursor closed when they end or are left."""
     streaming = source.connection.execution_options(stream_results=True, yield_per=STREAM_ROWS)
     result = streaming.execute(query)
     try:
-        rows = result.scalars() if len(query.selected_columns) == 1 else result
+        rows = result.scalars() if scalars else result
         yield from rows.partitions(PIECE_ROWS)
     finally:
         if not source.connection.invalidated:
