@@ -56,8 +56,8 @@ ZONES = ["UTC", "Asia/Shanghai", "America/New_York", "Asia/Kolkata", "Pacific/Ch
 
 
 def _events() -> Iterator[dict[str, Any]]:
-    """Every kind of change, with each hard text in a name, a value and a userid; times whole
-    and fractional (``_insert`` gives the times), on both sides of a daylight saving change."""
+    """Every kind of change, with each hard text as a userid, an operator and an old and new
+    value (the chats' names hold more)."""
     for index, value in enumerate(HARD_TEXTS):
         chatid = f"chat-{index % 4}"
         yield {"chatid": chatid, "event_type": "member_joined", "userid": value or "u-empty"}
@@ -97,6 +97,9 @@ def _events() -> Iterator[dict[str, Any]]:
 
 
 def _insert(engine: Engine, rows: list[dict[str, Any]], names: dict[str, str]) -> None:
+    """Store ``rows`` as changes a second apart from ``T0``, across New York's change of
+    clocks (every third at a whole second: isoformat leaves out its fraction), and the chats
+    ``names`` names."""
     complete = []
     for index, row in enumerate(rows):
         fraction = 0 if index % 3 == 0 else 1000 * index + 7
