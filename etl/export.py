@@ -39,7 +39,7 @@ from sqlalchemy import DateTime, Integer, String, Text, case, cast, func, litera
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.elements import ColumnElement
 
-from etl.output import csv_lines, csv_value, json_array
+from etl.output import csv_lines, csv_value, json_framed, json_object
 from etl.reports import STREAM_ROWS, ReportStream, StreamSource
 
 FORMATS: Final = ("csv", "json")
@@ -172,11 +172,8 @@ def _pg_json(source: StreamSource, names: tuple[str, ...], columns: _Kinds) -> I
         parts += [literal(key), func.coalesce(value, literal("null"))]
     parts.append(literal("\n  }"))
     query = source.query.with_only_columns(func.concat(*parts), maintain_column_froms=True)
-    opened = False
-    for piece in _pieces(source, query, scalars=True):
-        yield ("[\n  " if not opened else ",\n  ") + ",\n  ".join(piece)
-        opened = True
-    yield "\n]\n" if opened else "[]\n"
+    pieces = _pieces(source, query, scalars=True)
+    return json_framed(",\n  ".join(piece) for piece in pieces)
 
 
 def _pieces(source: StreamSource, query: Any, *, scalars: bool = False) -> Iterator[Sequence[Any]]:
@@ -281,20 +278,20 @@ _VALUES: Final = json.JSONEncoder(ensure_ascii=False, separators=("\n", ": ")).e
 
 
 def _json_pieces(pieces: Iterator[list[Sequence[Any]]], names: tuple[str, ...]) -> Iterator[str]:
-    # json_array's object, with a placeholder for each value.
+    return json_framed(_json_objects(pieces, names))
+
+
+def _json_objects(pieces: Iterator[list[Sequence[Any]]], names: tuple[str, ...]) -> Iterator[str]:
+    # json_object's text, with a placeholder for each value.
     keys = [json.dumps(name, ensure_ascii=False).replace("%", "%%") for name in names]
     template = "{\n    " + ",\n    ".join(f"{key}: %s" for key in keys) + "\n  }"
     templates: dict[int, str] = {}
-    opened = False
+    write = json_object(names)
     for piece in pieces:
         if _plain(piece):
             if len(piece) not in templates:
                 templates[len(piece)] = ",\n  ".join([template] * len(piece))
             values = _VALUES(list(chain.from_iterable(piece)))[1:-1].split("\n")
-            text = templates[len(piece)] % tuple(values)
+            yield templates[len(piece)] % tuple(values)
         else:
-            rows = (dict(zip(names, row, strict=True)) for row in piece)
-            text = "".join(json_array(rows, names))[4:-3]  # without "[\n  " and "\n]\n"
-        yield ("[\n  " if not opened else ",\n  ") + text
-        opened = True
-    yield "\n]\n" if opened else "[]\n"
+            yield ",\n  ".join(map(write, piece))

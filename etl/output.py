@@ -165,21 +165,33 @@ def _cells(columns: Sequence[str]) -> Callable[[Mapping[Any, Any]], Sequence[Any
 
 def json_array(rows: Iterable[Mapping[Any, Any]], columns: Sequence[str]) -> Iterator[str]:
     """One JSON array of row objects keyed by ``columns``, as the rows come: the text of
-    ``json.dumps(list_of_rows, indent=2, ensure_ascii=False)`` and a final newline.
+    ``json.dumps(list_of_rows, indent=2, ensure_ascii=False)`` and a final newline."""
+    write = json_object(columns)
+    return json_framed(write(map(row.get, columns)) for row in rows)
+
+
+def json_object(columns: Sequence[str]) -> Callable[[Iterable[Any]], str]:
+    """A row's values, in ``columns`` order, as the object ``json_array`` writes.
 
     Each object is written key by key: ``indent`` turns ``json`` to its pure-Python encoder,
     several times slower than encoding each value on its own.
     """
+    if not columns:
+        return lambda _values: "{}"
     keys = [f"{_ENCODE(column)}: " for column in columns]
+
+    def write(values: Iterable[Any]) -> str:
+        items = ",\n    ".join([key + _json_value(v) for key, v in zip(keys, values, strict=True)])
+        return "{\n    " + items + "\n  }"
+
+    return write
+
+
+def json_framed(objects: Iterable[str]) -> Iterator[str]:
+    """The JSON array around ``objects``: pieces of text of one or more of its objects each
+    (joined by ``",\\n  "``), as ``json_object`` writes them."""
     opened = False
-    for row in rows:
-        if keys:
-            items = ",\n    ".join(
-                [key + _json_value(v) for key, v in zip(keys, map(row.get, columns), strict=True)]
-            )
-            text = "{\n    " + items + "\n  }"
-        else:
-            text = "{}"
+    for text in objects:
         yield ("[\n  " if not opened else ",\n  ") + text
         opened = True
     yield "\n]\n" if opened else "[]\n"
