@@ -53,6 +53,33 @@ def test_status_and_runs_import_only_what_they_read(sqlite_url: URL, tmp_path: P
         assert not modules & HEAVY, command
 
 
+# The console script's entry point, then what the collector looks like once it has returned.
+MAIN = """
+import atexit, gc, json, sys
+from etl.cli import main
+atexit.register(lambda: print(json.dumps([gc.get_threshold()[0], gc.get_freeze_count()])))
+sys.argv = ["dingtalk-etl", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "code"), [(["--version"], 0), (["no-such-command"], 2)], ids=["ok", "usage-error"]
+)
+def test_the_console_script_collects_rarely_and_leaves_its_objects_to_the_exit(
+    args: list[str], code: int
+) -> None:
+    from etl.cli import GC_FIRST_GENERATION
+
+    done = subprocess.run(
+        [sys.executable, "-c", MAIN, *args], capture_output=True, text=True, env=clean_env()
+    )
+    assert done.returncode == code, done.stderr
+    threshold, frozen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert threshold == GC_FIRST_GENERATION
+    assert frozen > 10_000  # every object the command loaded, also when it failed
+
+
 def test_the_report_formats_named_by_the_command_line_are_the_renderers() -> None:
     from etl import cli, report_html
 
