@@ -774,7 +774,7 @@ def read_health(
         last_success = runlog.latest_run(status="succeeded")
         failing: list[dict[str, Any]] = []
         if last_run is not None:
-            failing = [i for i in runlog.run_items(last_run["id"]) if i["status"] == "failed"]
+            failing = runlog.run_items(last_run["id"], status="failed")
         listeners = ListenerLog(engine)
         listener = listeners.latest()
         waiting = listeners.waiting_events()

@@ -104,11 +104,14 @@ class RunLog:
             row = conn.execute(query).mappings().first()
             return dict(row) if row is not None else None
 
-    def run_items(self, run_id: int) -> list[dict[str, Any]]:
+    def run_items(self, run_id: int, *, status: str | None = None) -> list[dict[str, Any]]:
+        """The items of run ``run_id`` (only those with ``status``), by chatid."""
+        query = (
+            select(sync_run_items)
+            .where(sync_run_items.c.run_id == run_id)
+            .order_by(sync_run_items.c.chatid)
+        )
+        if status is not None:
+            query = query.where(sync_run_items.c.status == status)
         with database_errors("reading run items"), self.engine.connect() as conn:
-            rows = conn.execute(
-                select(sync_run_items)
-                .where(sync_run_items.c.run_id == run_id)
-                .order_by(sync_run_items.c.chatid)
-            ).mappings()
-            return [dict(row) for row in rows]
+            return [dict(row) for row in conn.execute(query).mappings()]
