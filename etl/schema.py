@@ -30,12 +30,10 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from etl.normalize import MAX_ID_LENGTH
 
-# Keys compared byte-for-byte on MySQL: DingTalk ids are case-sensitive.
-MYSQL_TABLE_ARGS: dict[str, Any] = {
-    "mysql_charset": "utf8mb4",
-    "mysql_collate": "utf8mb4_bin",
-    "mysql_engine": "InnoDB",
-}
+# On MySQL and MariaDB the migrations create every table InnoDB, utf8mb4 with the utf8mb4_bin
+# collation: keys are compared byte for byte, as DingTalk's case-sensitive ids must be. The
+# definitions below leave those options out: a ``mysql_*`` keyword makes SQLAlchemy load its
+# MySQL dialect when this module is imported, in every command, whatever the database.
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -107,7 +105,6 @@ sync_runs = Table(
     Column("chats_skipped", Integer, nullable=False, default=0, server_default=text("0")),
     Index("ix_sync_runs_started_at", "started_at"),
     Index("ix_sync_runs_status", "status"),
-    **MYSQL_TABLE_ARGS,
 )
 
 chats = Table(
@@ -137,7 +134,6 @@ chats = Table(
     Column("next_poll_at", UTCDateTime()),
     Index("ix_chats_owner_userid", "owner_userid"),
     Index("ix_chats_status", "status"),
-    **MYSQL_TABLE_ARGS,
 )
 
 chat_members = Table(
@@ -149,7 +145,6 @@ chat_members = Table(
     Column("left_at", UTCDateTime()),
     PrimaryKeyConstraint("chatid", "userid", name="pk_chat_members"),
     Index("ix_chat_members_userid", "userid"),
-    **MYSQL_TABLE_ARGS,
 )
 
 chat_events = Table(
@@ -179,7 +174,6 @@ chat_events = Table(
     Index("ix_chat_events_userid_observed_at", "userid", "observed_at"),
     Index("ix_chat_events_observed_at", "observed_at"),
     Index("ix_chat_events_run_id", "run_id"),
-    **MYSQL_TABLE_ARGS,
 )
 
 sync_run_items = Table(
@@ -200,7 +194,6 @@ sync_run_items = Table(
     Column("duration_ms", Integer, nullable=False, default=0),
     PrimaryKeyConstraint("run_id", "chatid", name="pk_sync_run_items"),
     Index("ix_sync_run_items_chatid", "chatid"),
-    **MYSQL_TABLE_ARGS,
 )
 
 pushed_events = Table(
@@ -220,7 +213,6 @@ pushed_events = Table(
     Index("ix_pushed_events_chatid", "chatid"),
     Index("ix_pushed_events_received_at", "received_at"),
     Index("ix_pushed_events_outcome", "outcome"),
-    **MYSQL_TABLE_ARGS,
 )
 
 discovered_chats = Table(
@@ -229,7 +221,6 @@ discovered_chats = Table(
     _id("chatid", primary_key=True),
     Column("discovered_at", UTCDateTime(), nullable=False),
     _id("event_id"),
-    **MYSQL_TABLE_ARGS,
 )
 
 event_listeners = Table(
@@ -250,7 +241,6 @@ event_listeners = Table(
     Column("error", Text),
     Column("updated_at", UTCDateTime(), nullable=False),
     Index("ix_event_listeners_updated_at", "updated_at"),
-    **MYSQL_TABLE_ARGS,
 )
 
 # Every HTTP request to DingTalk, counted by whoever sent it: a run's calls per writer batch,
@@ -268,7 +258,6 @@ api_calls = Table(
     Column("throttled", Integer, nullable=False, default=0, server_default=text("0")),
     Column("run_id", Integer),
     Index("ix_api_calls_counted_at", "counted_at"),
-    **MYSQL_TABLE_ARGS,
 )
 
 # Each 90020 (the organisation's monthly quota used up) DingTalk answered.
@@ -281,5 +270,4 @@ quota_exhaustions = Table(
     Column("run_id", Integer),
     Column("error", Text),
     Index("ix_quota_exhaustions_occurred_at", "occurred_at"),
-    **MYSQL_TABLE_ARGS,
 )

@@ -14,7 +14,8 @@ from sqlalchemy.engine import URL
 
 from tests.helpers import clean_env, write_config
 
-# Runs the command in-process, then prints the top-level modules (and ours) it imported.
+# Runs the command in-process, then prints the top-level modules it imported, with ours and
+# SQLAlchemy's dialects.
 SCRIPT = """
 import json, sys
 from etl.cli import cli
@@ -22,7 +23,11 @@ try:
     cli.main(args=sys.argv[1:], prog_name="dingtalk-etl", standalone_mode=False)
 except SystemExit:
     pass
+dialects = {
+    ".".join(m.split(".")[:3]) for m in sys.modules if m.startswith("sqlalchemy.dialects.")
+} - {"sqlalchemy.dialects._typing"}
 names = {m.split(".")[0] for m in sys.modules} | {m for m in sys.modules if m.startswith("etl.")}
+names |= dialects
 print(json.dumps(sorted(names)), file=sys.stderr)
 """
 HEAVY = {"alembic", "apscheduler", "requests", "websockets", "etl.simulator", "etl.sync"}
@@ -51,6 +56,9 @@ def test_status_and_runs_import_only_what_they_read(sqlite_url: URL, tmp_path: P
         modules = imported("--config", config, *command)
         assert "sqlalchemy" in modules  # it did read the database
         assert not modules & HEAVY, command
+        # Only the dialect of the database read: table options name no other.
+        loaded = {m for m in modules if m.startswith("sqlalchemy.dialects.")}
+        assert loaded == {"sqlalchemy.dialects.sqlite"}, command
 
 
 # The console script's entry point, then what the collector looks like once it has returned.
