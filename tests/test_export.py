@@ -221,6 +221,8 @@ def test_a_long_report_comes_in_pieces(engine: Engine) -> None:
         {"chatid": "chat-many", "event_type": "member_joined", "userid": f"user{n:05d}"}
         for n in range(2 * export.PIECE_ROWS + 10)
     ]
+    # The last piece needs quoting, the others none: both ways of writing CSV meet.
+    rows[-1]["userid"] = "user, last"
     _insert(engine, rows, {"chat-many": "Many"})
     for fmt in export.FORMATS:
         kwargs: dict[str, Any] = {"since": None, "until": None, "chats_filter": ["chat-many"]}
@@ -231,6 +233,27 @@ def test_a_long_report_comes_in_pieces(engine: Engine) -> None:
         assert len(pieces) >= 3, fmt
         database, python = both(engine, fmt, ZoneInfo("UTC"), chats_filter=["chat-many"])
         assert "".join(pieces) == database == python
+
+
+JOINED = [
+    ("text", ["a", "b c", "", "名字", "x\x00y", "\u2028", "tab\there"], True),
+    ("numbers", [0, -7, 2**63, 2.5, 1e-300], True),
+    ("nulls", [None, None, None], True),
+    ("comma", ["a", "b,c"], False),
+    ("quote", ['say "hi"', "b"], False),
+    ("cr", ["a\rb", "b"], False),
+    ("lf", ["a\nb", "b"], False),
+]
+
+
+@pytest.mark.parametrize(("values", "joined"), [j[1:] for j in JOINED], ids=[j[0] for j in JOINED])
+def test_fields_that_need_no_quoting_are_joined_as_the_csv_module_writes_them(
+    values: list[Any], joined: bool
+) -> None:
+    piece = [(value, "same", n, None) for n, value in enumerate(values)]
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(piece)
+    assert export._csv_joined(piece) == (buffer.getvalue() if joined else None)
 
 
 def test_a_zone_postgresql_does_not_know_is_shown_by_python(engine: Engine) -> None:
