@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Final
 
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 from etl.errors import SchemaNotMigrated
 
@@ -55,9 +56,15 @@ def head_revision() -> str:
 def current_revision(engine: Engine) -> str | None:
     """The database's revision (its ``alembic_version`` row); None on an empty database."""
     with engine.connect() as conn:
-        if not inspect(conn).has_table("alembic_version"):
+        try:
+            revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except DBAPIError:
+            # Asked only now whether the table exists: the catalogue query costs every
+            # command as much as the read itself, and an empty database is rare.
+            conn.rollback()
+            if inspect(conn).has_table("alembic_version"):
+                raise
             return None
-        revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
         return None if revision is None else str(revision)
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 
 from etl import migrate
 from etl.db import create_db_engine
@@ -54,6 +56,19 @@ def test_the_revision_read_without_alembic_is_alembics(db_url: URL) -> None:
         with engine.connect() as conn:
             expected = MigrationContext.configure(conn).get_current_revision()
         assert migrate.current_revision(engine) == expected == migrate.HEAD_REVISION
+    finally:
+        engine.dispose()
+
+
+def test_a_version_table_that_cannot_be_read_is_an_error_not_an_empty_database(
+    empty_db: URL,
+) -> None:
+    engine = create_db_engine(empty_db)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE alembic_version (something_else INTEGER)"))
+        with pytest.raises(DBAPIError):
+            migrate.current_revision(engine)
     finally:
         engine.dispose()
 
