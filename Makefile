@@ -32,12 +32,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Two workers (the machine has two cores; most tests wait on HTTP, databases and children),
-# one test file per worker so module-scoped scenario databases are built once.
-PYTEST_N ?= 2
+# Four workers on two cores: most tests wait on HTTP, databases and child processes, and two
+# workers left the cores idle two thirds of the time. One test file per worker, so that
+# module-scoped scenario databases are built once. The slow variants run in the same pass, so
+# that they overlap with the rest instead of following it.
+PYTEST_N ?= 4
 pytest: $(STAMP)
-	$(BIN)/pytest -n $(PYTEST_N) --dist loadfile
-	$(BIN)/pytest -m slow -n $(PYTEST_N) --dist loadfile
+	$(BIN)/pytest -n $(PYTEST_N) --dist loadfile -m 'slow or not slow'
 
 test: deps-system lint typecheck pytest
 
