@@ -269,7 +269,7 @@ def runs(obj: _Ctx, limit: int, as_json: bool) -> None:
 
     with _errors():
         config = obj.load(need_api=False)
-        with open_database(config) as engine:
+        with open_database(config, read_only=True) as engine:
             require_schema(engine, "reading runs")
             rows = RunLog(engine).recent_runs(limit)
     if as_json:

@@ -341,7 +341,7 @@ def _from_database(
     at ``now``; None for what the database cannot say."""
     last_success: dt.datetime | None = None
     budget: MonthBudget | None = None
-    with open_database(config) as engine:
+    with open_database(config, read_only=True) as engine:
         try:
             row = RunLog(engine).latest_run(status="succeeded")
         except EtlError:
@@ -766,7 +766,7 @@ def read_health(
     """Read the run log, the listener's row and the month's API budget. Raises
     ``SchemaNotMigrated`` and ``DatabaseFailure`` like the others."""
     checked_at = now or utcnow()
-    with open_database(config) as engine:
+    with open_database(config, read_only=True) as engine:
         require_schema(engine, "reading runs")
         runlog = RunLog(engine)
         latest = runlog.latest_run()

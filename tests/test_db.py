@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy.engine import URL
+from sqlalchemy import func, insert, select
+from sqlalchemy.engine import URL, Engine
 
 BIN = Path(sys.executable).parent
 # Far below SQLite's default wait (30 s) and the subprocess deadline below.
@@ -67,3 +68,53 @@ def test_command_waits_only_its_busy_timeout(
         f"dingtalk-etl: error: database error while {action}: "
         "OperationalError: database is locked\n"
     )
+
+
+# Whether a second read on the same connection sees a row another connection committed after
+# the first read: (plain engine, read-only engine, read-only engine asking for a snapshot).
+# SQLite's reads in one block are one transaction, read-only or not; a server's read-only
+# reads are each their own (MariaDB's default REPEATABLE READ would otherwise keep the
+# first read's snapshot), and a reader that asks for a snapshot still gets one.
+SEES_LATER_COMMITS = {
+    "sqlite": (False, False, False),
+    "postgresql": (True, True, False),
+    "mariadb": (False, True, False),
+}
+
+
+# How a reader asks for a snapshot (as the reports do): SQLite's transactions always are.
+SNAPSHOT = {
+    "postgresql": {"isolation_level": "REPEATABLE READ"},
+    "mariadb": {"isolation_level": "REPEATABLE READ"},
+}
+
+
+def test_read_only_engine_holds_no_transaction_between_statements(
+    db_url: URL, db_kind: str
+) -> None:
+    from etl.db import create_db_engine, utcnow
+    from etl.schema import discovered_chats
+
+    def sees_later_commit(engine: Engine, writer: Engine, options: dict[str, str]) -> bool:
+        count = select(func.count()).select_from(discovered_chats)
+        with engine.connect() as conn:
+            conn.execution_options(**options)
+            before = conn.execute(count).scalar_one()
+            with writer.begin() as other:
+                row = {"chatid": f"chat-{before}", "discovered_at": utcnow()}
+                other.execute(insert(discovered_chats).values(row))
+            return conn.execute(count).scalar_one() == before + 1
+
+    writer = create_db_engine(db_url)
+    plain = create_db_engine(db_url)
+    reader = create_db_engine(db_url, read_only=True)
+    try:
+        seen = (
+            sees_later_commit(plain, writer, {}),
+            sees_later_commit(reader, writer, {}),
+            sees_later_commit(reader, writer, SNAPSHOT.get(db_kind, {})),
+        )
+    finally:
+        for engine in (writer, plain, reader):
+            engine.dispose()
+    assert seen == SEES_LATER_COMMITS[db_kind]
