@@ -17,9 +17,12 @@ import datetime as dt
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, or_, select
+from sqlalchemy import ARRAY, Connection, Dialect, Engine, any_, bindparam, or_, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.sql.elements import ColumnElement
 
 from etl.budgetstore import record_calls
 from etl.bulk import BatchRows, BulkWriter, padded
@@ -47,60 +50,85 @@ class ChatOutcome:
     http_status: int | None = None
 
 
-# Built once: constructing a statement costs SQLAlchemy more than running a cached one, and
-# these run for every batch of every sync.
-# FOR UPDATE: an event for one of these chats (etl.eventstore) waits for this batch, and
-# this batch for it (SQLite: the writer's lock does the same).
-_SELECT_FINGERPRINTS = (
-    select(chats.c.chatid, chats.c.fingerprint, chats.c.poll_interval_seconds)
-    .where(chats.c.chatid.in_(bindparam("chatids", expanding=True)))
-    .with_for_update()
-)
-# The batch's events that no read of their chat has confirmed yet, with what they are about.
-_SELECT_UNCONFIRMED = (
-    select(
-        pushed_events.c.chatid, pushed_events.c.event_id, chat_events.c.userid, chat_events.c.field
-    )
-    .select_from(
-        pushed_events.outerjoin(chat_events, chat_events.c.event_id == pushed_events.c.event_id)
-    )
-    .where(
-        pushed_events.c.chatid.in_(bindparam("chatids", expanding=True)),
-        pushed_events.c.reconciled_at.is_(None),
-        pushed_events.c.outcome.in_(RECONCILED_OUTCOMES),
-    )
-)
-_SELECT_HISTORY = (
-    select(
-        chat_events.c.chatid,
-        chat_events.c.occurred_at,
-        chat_events.c.id,
-        chat_events.c.event_type,
-        chat_events.c.userid,
-        chat_events.c.field,
-        chat_events.c.new_value,
-    )
-    .where(
-        chat_events.c.chatid.in_(bindparam("chatids", expanding=True)),
-        or_(
-            chat_events.c.userid.in_(bindparam("userids", expanding=True)),
-            chat_events.c.field.in_(bindparam("fields", expanding=True)),
-        ),
-        chat_events.c.event_type.in_(("member_joined", "member_left", "attribute_changed")),
-    )
-    .order_by(chat_events.c.chatid, chat_events.c.occurred_at, chat_events.c.id)
-)
-_SELECT_STORED = select(
-    chats.c.chatid,
-    *(chats.c[name] for name in ATTRIBUTE_FIELDS),
-    chats.c.member_count,
-    chats.c.first_seen_at,
-    chats.c.last_changed_at,
-    chats.c.dismissed_at,
-).where(chats.c.chatid.in_(bindparam("chatids", expanding=True)))
-_SELECT_MEMBERS = select(
-    chat_members.c.chatid, chat_members.c.userid, chat_members.c.left_at
-).where(chat_members.c.chatid.in_(bindparam("chatids", expanding=True)))
+class _Reads:
+    """The batch's reads of the stored state, built once for one database (``dialect``):
+    constructing a statement costs SQLAlchemy more than running a cached one, and these run
+    for every batch of every sync."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        one_of = partial(_one_of, postgresql=dialect.name == "postgresql")
+        # FOR UPDATE: an event for one of these chats (etl.eventstore) waits for this batch,
+        # and this batch for it (SQLite: the writer's lock does the same).
+        self.fingerprints = (
+            select(chats.c.chatid, chats.c.fingerprint, chats.c.poll_interval_seconds)
+            .where(one_of(chats.c.chatid, "chatids"))
+            .with_for_update()
+        )
+        # The batch's events that no read of their chat has confirmed yet, with what they
+        # are about.
+        self.unconfirmed = (
+            select(
+                pushed_events.c.chatid,
+                pushed_events.c.event_id,
+                chat_events.c.userid,
+                chat_events.c.field,
+            )
+            .select_from(
+                pushed_events.outerjoin(
+                    chat_events, chat_events.c.event_id == pushed_events.c.event_id
+                )
+            )
+            .where(
+                one_of(pushed_events.c.chatid, "chatids"),
+                pushed_events.c.reconciled_at.is_(None),
+                pushed_events.c.outcome.in_(RECONCILED_OUTCOMES),
+            )
+        )
+        self.history = (
+            select(
+                chat_events.c.chatid,
+                chat_events.c.occurred_at,
+                chat_events.c.id,
+                chat_events.c.event_type,
+                chat_events.c.userid,
+                chat_events.c.field,
+                chat_events.c.new_value,
+            )
+            .where(
+                one_of(chat_events.c.chatid, "chatids"),
+                or_(
+                    one_of(chat_events.c.userid, "userids"),
+                    one_of(chat_events.c.field, "fields"),
+                ),
+                chat_events.c.event_type.in_(("member_joined", "member_left", "attribute_changed")),
+            )
+            .order_by(chat_events.c.chatid, chat_events.c.occurred_at, chat_events.c.id)
+        )
+        self.stored = select(
+            chats.c.chatid,
+            *(chats.c[name] for name in ATTRIBUTE_FIELDS),
+            chats.c.member_count,
+            chats.c.first_seen_at,
+            chats.c.last_changed_at,
+            chats.c.dismissed_at,
+        ).where(one_of(chats.c.chatid, "chatids"))
+        self.members = select(
+            chat_members.c.chatid, chat_members.c.userid, chat_members.c.left_at
+        ).where(one_of(chat_members.c.chatid, "chatids"))
+
+
+def _one_of(column: ColumnElement[Any], name: str, *, postgresql: bool) -> ColumnElement[bool]:
+    """``column`` is one of the list bound as ``name``.
+
+    On PostgreSQL that is one array parameter (``= ANY``): the statement's text stays the same
+    whatever the list's length, so psycopg parses it once and the server prepares it. An IN
+    list of a batch's 64 chats was a new text to parse for every statement (psycopg keeps the
+    parsed form of statements with at most 50 parameters): a third of the writer's CPU on an
+    unchanged re-sync. Elsewhere an expanding IN, its length ``padded``.
+    """
+    if postgresql:
+        return column == any_(bindparam(name, type_=ARRAY(column.type)))
+    return column.in_(bindparam(name, expanding=True))
 
 
 class Store:
@@ -109,6 +137,7 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._bulk = BulkWriter(engine.dialect)
+        self._reads = _Reads(engine.dialect)
         # Converted once: every event row and run item carries one of the two.
         flags = (False, True)
         self._is_baseline = {flag: self._bulk.events.bind("is_baseline", flag) for flag in flags}
@@ -179,15 +208,16 @@ class Store:
         records = [o.record for o in outcomes if o.record is not None]
         chatids = [r.chatid for r in records]
         # Fingerprints first: most chats need nothing else of their stored state.
-        known, intervals = _fingerprints(conn, chatids) if records else ({}, {})
-        unconfirmed = _unconfirmed(conn, chatids) if records else Unconfirmed()
+        reads = self._reads
+        known, intervals = _fingerprints(conn, reads, chatids) if records else ({}, {})
+        unconfirmed = _unconfirmed(conn, reads, chatids) if records else Unconfirmed()
         changed = [
             r
             for r in records
             if known.get(r.chatid) != r.fingerprint or r.chatid in unconfirmed.event_ids
         ]
-        stored = _stored_chats(conn, [r for r in changed if r.chatid in known])
-        history = _history(conn, unconfirmed)
+        stored = _stored_chats(conn, reads, [r for r in changed if r.chatid in known])
+        history = _history(conn, reads, unconfirmed)
         rows = BatchRows()
         changes: list[bool] = []
         for outcome in outcomes:
@@ -268,13 +298,13 @@ class Store:
 
 
 def _fingerprints(
-    conn: Connection, chatids: list[str]
+    conn: Connection, reads: _Reads, chatids: list[str]
 ) -> tuple[dict[str, str], dict[str, int | None]]:
     """The stored fingerprint and poll interval of each of ``chatids`` that has a row."""
     fingerprints: dict[str, str] = {}
     intervals: dict[str, int | None] = {}
     for chatid, fingerprint, interval in conn.execute(
-        _SELECT_FINGERPRINTS, {"chatids": padded(chatids)}
+        reads.fingerprints, {"chatids": padded(chatids)}
     ):
         fingerprints[chatid] = fingerprint
         intervals[chatid] = interval
@@ -291,10 +321,10 @@ class Unconfirmed:
     fields: dict[str, set[str]] = field(default_factory=dict)
 
 
-def _unconfirmed(conn: Connection, chatids: list[str]) -> Unconfirmed:
+def _unconfirmed(conn: Connection, reads: _Reads, chatids: list[str]) -> Unconfirmed:
     found = Unconfirmed()
     for chatid, event_id, userid, name in conn.execute(
-        _SELECT_UNCONFIRMED, {"chatids": padded(chatids)}
+        reads.unconfirmed, {"chatids": padded(chatids)}
     ):
         ids = found.event_ids.setdefault(chatid, [])
         if event_id not in ids:
@@ -306,7 +336,7 @@ def _unconfirmed(conn: Connection, chatids: list[str]) -> Unconfirmed:
     return found
 
 
-def _history(conn: Connection, unconfirmed: Unconfirmed) -> dict[str, list[LogRow]]:
+def _history(conn: Connection, reads: _Reads, unconfirmed: Unconfirmed) -> dict[str, list[LogRow]]:
     """Every log row about the users and fields of each chat's unconfirmed events."""
     chatids = sorted(set(unconfirmed.users) | set(unconfirmed.fields))
     if not chatids:
@@ -316,7 +346,7 @@ def _history(conn: Connection, unconfirmed: Unconfirmed) -> dict[str, list[LogRo
     history: dict[str, list[LogRow]] = {}
     params = {"chatids": chatids, "userids": users, "fields": fields}
     for chatid, occurred_at, row_id, kind, userid, name, new_value in conn.execute(
-        _SELECT_HISTORY, params
+        reads.history, params
     ):
         # The query's IN lists mix the chats' users and fields: keep each chat's own.
         if name is not None and name not in unconfirmed.fields.get(chatid, ()):
@@ -328,7 +358,9 @@ def _history(conn: Connection, unconfirmed: Unconfirmed) -> dict[str, list[LogRo
     return history
 
 
-def _stored_chats(conn: Connection, records: list[ChatRecord]) -> dict[str, StoredChat]:
+def _stored_chats(
+    conn: Connection, reads: _Reads, records: list[ChatRecord]
+) -> dict[str, StoredChat]:
     """The stored state of ``records``' chats, which all have a ``chats`` row.
 
     Members are read only for records that list members: the planner leaves the others'
@@ -336,12 +368,12 @@ def _stored_chats(conn: Connection, records: list[ChatRecord]) -> dict[str, Stor
     """
     if not records:
         return {}
-    stored = conn.execute(_SELECT_STORED, {"chatids": [r.chatid for r in records]}).mappings()
+    stored = conn.execute(reads.stored, {"chatids": [r.chatid for r in records]}).mappings()
     rows = {row["chatid"]: row for row in stored}
     members: dict[str, dict[str, dt.datetime | None]] = {chatid: {} for chatid in rows}
     listed = [r.chatid for r in records if r.members is not None]
     if listed:
-        for chatid, userid, left_at in conn.execute(_SELECT_MEMBERS, {"chatids": listed}):
+        for chatid, userid, left_at in conn.execute(reads.members, {"chatids": listed}):
             members[chatid][userid] = left_at
     return {
         chatid: StoredChat(

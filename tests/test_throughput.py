@@ -218,6 +218,50 @@ def test_a_batch_of_new_chats_costs_a_few_statements_not_a_few_per_chat(
 
 
 @contextmanager
+def fingerprint_reads() -> Iterator[list[str]]:
+    """The text of each batch's read of the stored fingerprints while the block runs."""
+    texts: list[str] = []
+
+    def record(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+    ) -> None:
+        text = " ".join(statement.split())
+        if text.startswith("SELECT chats.chatid, chats.fingerprint, chats.poll_interval"):
+            texts.append(text)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        yield texts
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+
+
+def test_a_batch_read_has_one_text_on_postgresql_and_a_power_of_two_list_elsewhere(
+    db_url: URL, db_kind: str, make_config: MakeConfig
+) -> None:
+    # A batch of one chat, then batches of several: on PostgreSQL the chats are one array
+    # parameter (a text psycopg parses once and the server prepares); elsewhere an IN list
+    # padded to a power of two (a handful of texts to compile).
+    world = generated(24)
+    with Simulator(world) as sim:
+        config = make_config(db_url, sim.base_url, world.chatids())
+        with fingerprint_reads() as texts:
+            run_sync(config, chatids=world.chatids()[:1])
+            run_sync(config)
+
+    assert len(texts) >= 2
+    if db_kind == "postgresql":
+        assert len(set(texts)) == 1, texts
+        assert "= ANY (" in texts[0]
+        return
+    for text in texts:
+        listed = re.search(r"\bIN \(([^)]*)\)", text)
+        assert listed is not None, text
+        size = len(listed.group(1).split(","))
+        assert size & (size - 1) == 0, text
+
+
+@contextmanager
 def sqlite_parameter_limit(limit: int) -> Iterator[None]:
     """New SQLite connections take at most ``limit`` parameters per statement (as builds
     before SQLite 3.32 did: 999), so that a test can reach the limit with a small chat."""
