@@ -123,7 +123,7 @@ def _one_of(column: ColumnElement[Any], name: str, *, postgresql: bool) -> Colum
     On PostgreSQL that is one array parameter (``= ANY``): the statement's text stays the same
     whatever the list's length, so psycopg parses it once and the server prepares it. An IN
     list of a batch's 64 chats was a new text to parse for every statement (psycopg keeps the
-    parsed form of statements with at most 50 parameters): a third of the writer's CPU on an
+    parsed form of statements with at most 50 parameters): half the writer's CPU on an
     unchanged re-sync. Elsewhere an expanding IN, its length ``padded``.
     """
     if postgresql:

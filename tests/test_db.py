@@ -12,6 +12,9 @@ import pytest
 from sqlalchemy import func, insert, select
 from sqlalchemy.engine import URL, Engine
 
+from etl.db import create_db_engine, utcnow
+from etl.schema import discovered_chats
+
 BIN = Path(sys.executable).parent
 # Far below SQLite's default wait (30 s) and the subprocess deadline below.
 BUSY_TIMEOUT = 0.2
@@ -89,12 +92,7 @@ SNAPSHOT = {
 }
 
 
-def test_read_only_engine_holds_no_transaction_between_statements(
-    db_url: URL, db_kind: str
-) -> None:
-    from etl.db import create_db_engine, utcnow
-    from etl.schema import discovered_chats
-
+def test_what_a_reader_sees_of_a_commit_made_between_its_reads(db_url: URL, db_kind: str) -> None:
     def sees_later_commit(engine: Engine, writer: Engine, options: dict[str, str]) -> bool:
         count = select(func.count()).select_from(discovered_chats)
         with engine.connect() as conn:
