@@ -124,7 +124,8 @@ def _one_of(column: ColumnElement[Any], name: str, *, postgresql: bool) -> Colum
     whatever the list's length, so psycopg parses it once and the server prepares it. An IN
     list of a batch's 64 chats was a new text to parse for every statement (psycopg keeps the
     parsed form of statements with at most 50 parameters): half the writer's CPU on an
-    unchanged re-sync. Elsewhere an expanding IN, its length ``padded``.
+    unchanged re-sync. Elsewhere an expanding IN; its callers pass lists ``padded`` to a
+    power of two for that (in an array the repeated last chat changes nothing).
     """
     if postgresql:
         return column == any_(bindparam(name, type_=ARRAY(column.type)))
